@@ -1,0 +1,32 @@
+"""The batching engine: dynamic batching of plain callables, flush policy, state slots.
+
+Knows no model and no front end (imports torch, numpy and the standard library only).
+"""
+
+from .batcher import DynamicBatcher
+from .errors import (
+    BatcherClosed,
+    BatchingError,
+    DeadlineExceeded,
+    QueueFullError,
+    ResultCountError,
+    SlotsExhausted,
+)
+from .policy import FlushDecision, RuntimePredictor, decide_flush
+from .slots import StateSlots
+from .stats import BatcherStats
+
+__all__ = [
+    "DynamicBatcher",
+    "RuntimePredictor",
+    "BatcherStats",
+    "StateSlots",
+    "QueueFullError",
+    "DeadlineExceeded",
+    "BatcherClosed",
+    "SlotsExhausted",
+    "BatchingError",
+    "ResultCountError",
+    "FlushDecision",
+    "decide_flush",
+]

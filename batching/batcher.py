@@ -1,0 +1,388 @@
+"""DynamicBatcher: many asyncio submitters, one worker thread, deadline-aware batches.
+
+Items submitted from any event loop (any thread) wait in one bounded FIFO. A single daemon
+worker thread forms batches (one group key per batch), decides when to run them with
+:func:`~batching.policy.decide_flush`, calls ``fn(batch)`` and hands each result back to
+its submitter's loop with ``loop.call_soon_threadsafe``. One worker means ``fn`` never runs
+on an event loop and batches run strictly one after another, which stateful models need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Generic, TypeVar
+
+from .errors import BatcherClosed, DeadlineExceeded, QueueFullError, ResultCountError
+from .policy import FlushDecision, RuntimePredictor, decide_flush
+from .stats import BatcherStats
+
+__all__ = ["DynamicBatcher"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# How long an idle worker sleeps between checks when the queue is empty. Submits and close()
+# notify the condition, so this only bounds the wait (no wait is unbounded); it never polls.
+_IDLE_WAIT_S = 5.0
+
+
+class _Item:
+    __slots__ = ("payload", "key", "loop", "future", "deadline", "drop_if_late", "enqueued_at")
+
+    def __init__(
+        self,
+        payload: Any,
+        key: Hashable,
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[Any],
+        deadline: float | None,
+        drop_if_late: bool,
+        enqueued_at: float,
+    ) -> None:
+        self.payload = payload
+        self.key = key
+        self.loop = loop
+        self.future = future
+        self.deadline = deadline
+        self.drop_if_late = drop_if_late
+        self.enqueued_at = enqueued_at
+
+
+def _settle(pairs: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    """Runs on the submitter's loop: resolve futures that are still pending."""
+    for fut, ok, value in pairs:
+        if fut.done():  # cancelled (or otherwise settled) meanwhile
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+
+def _deliver(pairs: list[tuple[_Item, bool, Any]]) -> None:
+    """Hand outcomes to their loops: one ``call_soon_threadsafe`` per loop per call."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+    for item, ok, value in pairs:
+        by_loop.setdefault(item.loop, []).append((item.future, ok, value))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, batch)
+        except RuntimeError:  # loop closed: the submitter is gone, nobody to tell
+            pass
+
+
+class DynamicBatcher(Generic[T, R]):
+    """Batch calls of ``fn(list[T]) -> Sequence[R]`` from many asyncio submitters.
+
+    Args:
+        fn: runs on the worker thread with a non-empty list of items; must return exactly one
+            result per item, in order. If it raises, the batch is bisected so only the items
+            at fault get the exception (do any stateful write-back as fn's last step: a batch
+            that raised is retried in halves).
+        name: used in thread names, error messages and stats.
+        max_batch_size: largest batch passed to ``fn``; a full batch runs at once.
+        max_queue_delay_ms: longest the oldest item of a batch waits for company.
+        max_queue_size: bound on waiting items; beyond it ``submit`` raises QueueFullError.
+        group_key: items with different keys never share a batch (e.g. different shapes).
+        predictor: run-time model used for deadline-driven flushes (learned online).
+        safety_margin_ms: slack added to the predicted run time when flushing for a deadline.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[list[T]], Sequence[R]],
+        *,
+        name: str = "batcher",
+        max_batch_size: int = 64,
+        max_queue_delay_ms: float = 10.0,
+        max_queue_size: int = 4096,
+        group_key: Callable[[T], Hashable] | None = None,
+        predictor: RuntimePredictor | None = None,
+        safety_margin_ms: float = 2.0,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
+        if max_queue_delay_ms < 0 or safety_margin_ms < 0:
+            raise ValueError("max_queue_delay_ms and safety_margin_ms must be >= 0")
+        self.fn = fn
+        self.name = name
+        self.max_batch_size = int(max_batch_size)
+        self.max_queue_delay_s = max_queue_delay_ms / 1e3
+        self.max_queue_size = int(max_queue_size)
+        self.group_key = group_key
+        self.predictor = predictor if predictor is not None else RuntimePredictor()
+        self.safety_margin_s = safety_margin_ms / 1e3
+        self.stats = BatcherStats(name)
+
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: deque[_Item] = deque()
+        self._producers = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    def submit(
+        self, item: T, *, deadline: float | None = None, drop_if_late: bool = False
+    ) -> asyncio.Future[R]:
+        """Queue ``item``; return a future (of the calling thread's running loop) for its result.
+
+        ``deadline`` is absolute ``time.monotonic()`` seconds; it steers the flush policy. With
+        ``drop_if_late=True`` an item whose deadline has passed before it runs is dropped and
+        its future fails with DeadlineExceeded (video: a newer frame exists); without it an
+        item is never dropped for lateness (audio). Thread-safe.
+
+        Raises:
+            QueueFullError: ``max_queue_size`` items are already waiting.
+            BatcherClosed: ``close()`` was called.
+            RuntimeError: no event loop is running in this thread.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                f"batcher {self.name!r}: submit() must be called from a thread running an asyncio loop"
+            ) from None
+        key = self.group_key(item) if self.group_key is not None else None
+        fut: asyncio.Future[R] = loop.create_future()
+        now = time.monotonic()
+        with self._cond:
+            if self._closed:
+                raise BatcherClosed(f"batcher {self.name!r} is closed")
+            if drop_if_late and deadline is not None and deadline <= now:
+                # Already late on arrival: don't let it occupy the queue.
+                self.stats.add(submitted=1, dropped_late=1)
+                fut.set_exception(DeadlineExceeded(f"batcher {self.name!r}: deadline passed before submit"))
+                return fut
+            if len(self._queue) >= self.max_queue_size:
+                self._purge(now)  # cancelled / late items free their places first
+                if len(self._queue) >= self.max_queue_size:
+                    self.stats.add(rejected_full=1)
+                    raise QueueFullError(
+                        f"batcher {self.name!r}: queue full ({self.max_queue_size} items waiting)"
+                    )
+            self._queue.append(_Item(item, key, loop, fut, deadline, drop_if_late, now))
+            self.stats.add(submitted=1)
+            self.stats.set_queue_depth(len(self._queue))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._worker, name=f"batcher-{self.name}", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+        return fut
+
+    def add_producer(self) -> None:
+        """Register a producer: an entity with at most one item in flight at a time.
+
+        When at least as many items wait as there are producers, nothing more can arrive, so
+        the batch runs without waiting for ``max_queue_delay``.
+        """
+        with self._cond:
+            self._producers += 1
+
+    def remove_producer(self) -> None:
+        """Unregister a producer (it may unblock a waiting batch)."""
+        with self._cond:
+            if self._producers <= 0:
+                raise ValueError(f"batcher {self.name!r}: remove_producer() without add_producer()")
+            self._producers -= 1
+            self._cond.notify()
+
+    @property
+    def producers(self) -> int:
+        return self._producers
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Stop the worker and fail every waiting future with BatcherClosed. Idempotent.
+
+        A batch already running finishes and delivers its results. Waits up to ``timeout``
+        seconds for the worker thread to end (not when called from ``fn`` itself).
+        """
+        with self._cond:
+            pending = list(self._queue)
+            self._queue.clear()
+            self._closed = True
+            self.stats.set_queue_depth(0)
+            self._cond.notify_all()
+            thread = self._thread
+        if pending:
+            self.stats.add(dropped_closed=len(pending))
+            _deliver([(it, False, BatcherClosed(f"batcher {self.name!r} closed")) for it in pending])
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def __enter__(self) -> DynamicBatcher[T, R]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ worker
+
+    def _worker(self) -> None:
+        while True:
+            picked = self._next_batch()
+            if picked is None:
+                return
+            items, reason = picked
+            try:
+                self._run_batch(items, reason)
+            except BaseException as e:  # a bug here must not kill the worker silently
+                log.exception("batcher %r: internal error running a batch", self.name)
+                _deliver([(it, False, e) for it in items])
+
+    def _purge(self, now: float) -> None:
+        """Drop cancelled items, and drop_if_late items past their deadline. Lock held."""
+        q = self._queue
+        if not any(
+            it.future.cancelled() or (it.drop_if_late and it.deadline is not None and it.deadline <= now)
+            for it in q
+        ):
+            return
+        keep: deque[_Item] = deque()
+        late: list[_Item] = []
+        cancelled = 0
+        for it in q:
+            # Reading cancelled() off the loop thread is a benign race: at worst a just-
+            # cancelled item runs, and _settle skips its (done) future.
+            if it.future.cancelled():
+                cancelled += 1
+            elif it.drop_if_late and it.deadline is not None and it.deadline <= now:
+                late.append(it)
+            else:
+                keep.append(it)
+        self._queue = keep
+        self.stats.add(dropped_cancelled=cancelled, dropped_late=len(late))
+        self.stats.set_queue_depth(len(keep))
+        if late:
+            _deliver(
+                [(it, False, DeadlineExceeded(f"batcher {self.name!r}: deadline passed while queued")) for it in late]
+            )
+
+    def _next_batch(self) -> tuple[list[_Item], str] | None:
+        """Block until a batch is due (returns it, removed from the queue) or closed (None)."""
+        with self._cond:
+            while True:
+                if self._closed:
+                    return None
+                now = time.monotonic()
+                self._purge(now)
+                if not self._queue:
+                    self._cond.wait(_IDLE_WAIT_S)
+                    continue
+                groups = self._candidates()
+                wake_at = now + _IDLE_WAIT_S
+                for i, group in enumerate(groups):
+                    d = self._decide(group, now, check_producers=(i == 0))
+                    if d.flush:
+                        self._take(group)
+                        return group, d.reason
+                    if d.wake_at is not None:
+                        wake_at = min(wake_at, d.wake_at)
+                self._cond.wait(max(0.0, wake_at - now))
+
+    def _candidates(self) -> list[list[_Item]]:
+        """Candidate batch per group key, oldest group first, each FIFO, capped at max size."""
+        cap = self.max_batch_size
+        if self.group_key is None:
+            q = self._queue
+            return [[q[i] for i in range(min(cap, len(q)))]]
+        groups: dict[Hashable, list[_Item]] = {}
+        for it in self._queue:
+            g = groups.setdefault(it.key, [])
+            if len(g) < cap:
+                g.append(it)
+        return list(groups.values())
+
+    def _decide(self, group: list[_Item], now: float, check_producers: bool) -> FlushDecision:
+        deadlines = [it.deadline for it in group if it.deadline is not None]
+        n = len(group)
+        return decide_flush(
+            now=now,
+            batch_size=n,
+            max_batch_size=self.max_batch_size,
+            oldest_enqueued_at=group[0].enqueued_at,
+            earliest_deadline=min(deadlines) if deadlines else None,
+            predicted_run_s=self.predictor.predict(n),
+            safety_margin_s=self.safety_margin_s,
+            max_queue_delay_s=self.max_queue_delay_s,
+            # "Nothing more can arrive" concerns the whole queue; it releases the oldest group.
+            producers=self._producers if check_producers else 0,
+            queued=len(self._queue),
+        )
+
+    def _take(self, group: list[_Item]) -> None:
+        """Remove ``group`` from the queue. Lock held."""
+        q = self._queue
+        if len(group) <= len(q) and all(q[i] is it for i, it in enumerate(group)):
+            for _ in group:
+                q.popleft()
+        else:
+            taken = {id(it) for it in group}
+            self._queue = deque(it for it in q if id(it) not in taken)
+        self.stats.set_queue_depth(len(self._queue))
+
+    def _run_batch(self, items: list[_Item], reason: str) -> None:
+        t0 = time.monotonic()
+        self.stats.record_batch(len(items), reason, [t0 - it.enqueued_at for it in items])
+        self._run_bisect(items, first=True)
+        self.stats.record_run(time.monotonic() - t0)
+
+    def _run_bisect(self, items: list[_Item], first: bool) -> None:
+        """Call fn on ``items``; on failure retry each half, so only faulty items get the error.
+
+        Every item is delivered exactly once, and fn returns successfully at most once for
+        any item (a successful call is never retried).
+        """
+        if not first:
+            self.stats.add(bisect_calls=1)
+        t0 = time.monotonic()
+        try:
+            results = self.fn([it.payload for it in items])
+        except Exception as e:
+            if len(items) == 1:
+                self.stats.add(failed=1)
+                _deliver([(items[0], False, e)])
+                return
+            log.debug("batcher %r: batch of %d raised %r; bisecting", self.name, len(items), e)
+            mid = len(items) // 2
+            self._run_bisect(items[:mid], first=False)
+            self._run_bisect(items[mid:], first=False)
+            return
+        dt = time.monotonic() - t0
+        try:
+            n_results = len(results)
+        except TypeError:
+            n_results = -1
+        if n_results != len(items):
+            # fn completed (its side effects happened), so retrying halves could apply them
+            # twice: fail the whole batch instead of bisecting. This is a bug in fn.
+            msg = (
+                f"batcher {self.name!r}: fn returned {n_results if n_results >= 0 else 'an unsized'} "
+                f"{type(results).__name__} of results for a batch of {len(items)} items; "
+                "it must return exactly one result per item"
+            )
+            self.stats.add(failed=len(items))
+            _deliver([(it, False, ResultCountError(msg)) for it in items])
+            return
+        self.predictor.observe(len(items), dt)
+        self.stats.add(completed=len(items))
+        _deliver([(it, True, results[i]) for i, it in enumerate(items)])

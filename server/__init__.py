@@ -1,0 +1,58 @@
+"""FastRTC-compatible API: `from server import Stream, ReplyOnPause, ...` replaces
+`from fastrtc import ...`."""
+
+from .handlers import (
+    AsyncAudioVideoStreamHandler,
+    AsyncStreamHandler,
+    AudioEmitType,
+    AudioVideoStreamHandler,
+    StreamHandler,
+    VideoEmitType,
+    VideoStreamHandler,
+)
+from .reply_on_pause import AlgoOptions, ModelOptions, ReplyOnPause, SileroVadOptions
+from .stream import Stream, UnknownConnection
+from .utils import (
+    AdditionalOutputs,
+    CloseStream,
+    Warning,
+    WebRTCData,
+    WebRTCError,
+    aggregate_bytes_to_16bit,
+    async_aggregate_bytes_to_16bit,
+    audio_to_bytes,
+    audio_to_file,
+    audio_to_float32,
+    audio_to_int16,
+    get_current_context,
+    wait_for_item,
+)
+
+__all__ = [
+    "AdditionalOutputs",
+    "AlgoOptions",
+    "AsyncAudioVideoStreamHandler",
+    "AsyncStreamHandler",
+    "AudioEmitType",
+    "AudioVideoStreamHandler",
+    "CloseStream",
+    "ModelOptions",
+    "ReplyOnPause",
+    "SileroVadOptions",
+    "Stream",
+    "StreamHandler",
+    "UnknownConnection",
+    "VideoEmitType",
+    "VideoStreamHandler",
+    "Warning",
+    "WebRTCData",
+    "WebRTCError",
+    "aggregate_bytes_to_16bit",
+    "async_aggregate_bytes_to_16bit",
+    "audio_to_bytes",
+    "audio_to_file",
+    "audio_to_float32",
+    "audio_to_int16",
+    "get_current_context",
+    "wait_for_item",
+]

@@ -1,0 +1,195 @@
+"""`Stream`: a FastAPI app that serves one handler over FastRTC's front ends.
+
+`Stream(handler, ...)` *is* a FastAPI app (`uvicorn app:stream`, `@stream.get("/")`), and
+`stream.mount(app, path)` adds its routes to another app, as FastRTC 0.0.34 does. Every
+connection gets its own `handler.copy()`; model work is shared through the batchers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
+
+from fastapi import APIRouter, FastAPI, HTTPException, WebSocket
+
+from .handlers import DataChannel, StreamHandlerBase
+from .reply_on_pause import ReplyOnPause
+from .session import Session
+from .utils import AdditionalOutputs
+
+logger = logging.getLogger(__name__)
+
+Modality = Literal["video", "audio", "audio-video"]
+Mode = Literal["send-receive", "receive", "send"]
+
+
+class UnknownConnection(HTTPException):
+    """`set_input`/`output_stream` for an id that is not connected: a clear 404."""
+
+    def __init__(self, webrtc_id: str) -> None:
+        super().__init__(404, detail=f"unknown connection {webrtc_id!r}")
+        self.webrtc_id = webrtc_id
+
+
+class Stream(FastAPI):
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        additional_outputs_handler: Callable[..., Any] | None = None,
+        mode: Mode = "send-receive",
+        modality: Modality = "video",
+        concurrency_limit: int | None | Literal["default"] = "default",
+        time_limit: float | None = None,
+        allow_extra_tracks: bool = False,
+        rtp_params: dict[str, Any] | None = None,
+        rtc_configuration: dict[str, Any] | Callable[..., Any] | None = None,
+        server_rtc_configuration: dict[str, Any] | None = None,
+        track_constraints: dict[str, Any] | None = None,
+        additional_inputs: list[Any] | None = None,
+        additional_outputs: list[Any] | None = None,
+        ui_args: dict[str, Any] | None = None,
+        verbose: bool = True,
+        **fastapi_kwargs: Any,
+    ) -> None:
+        if modality not in ("video", "audio", "audio-video"):
+            raise ValueError(f"modality must be 'video', 'audio' or 'audio-video', got {modality!r}")
+        if mode not in ("send-receive", "receive", "send"):
+            raise ValueError(f"mode must be 'send-receive', 'receive' or 'send', got {mode!r}")
+        if additional_outputs and additional_outputs_handler is None:
+            raise ValueError(
+                "additional_outputs_handler must be provided if there are additional_outputs."
+            )
+        if concurrency_limit in ("default", None):
+            limit = 1  # FastRTC's default: one connection
+        elif isinstance(concurrency_limit, int) and concurrency_limit >= 1:
+            limit = concurrency_limit
+        else:
+            raise ValueError(f"concurrency_limit must be a positive int, 'default' or None, got {concurrency_limit!r}")
+        if time_limit is not None and time_limit <= 0:
+            raise ValueError(f"time_limit must be positive seconds, got {time_limit!r}")
+        fastapi_kwargs.setdefault("title", "batchrtc stream")
+        fastapi_kwargs.setdefault("lifespan", self._lifespan)
+        super().__init__(**fastapi_kwargs)
+        self.handler = handler
+        self.mode = mode
+        self.modality = modality
+        self.concurrency_limit = limit
+        self.time_limit = time_limit
+        self.allow_extra_tracks = allow_extra_tracks
+        self.rtp_params = rtp_params
+        self.rtc_configuration = rtc_configuration
+        self.server_rtc_configuration = server_rtc_configuration
+        self.track_constraints = track_constraints
+        self.additional_inputs = list(additional_inputs or [])
+        self.additional_outputs = list(additional_outputs or [])
+        self.additional_outputs_handler = additional_outputs_handler
+        self.ui_args = ui_args or {}
+        self.verbose = verbose
+        self.sessions: dict[str, Session] = {}
+        self.default_args = [getattr(c, "value", None) for c in self.additional_inputs]
+        if isinstance(handler, ReplyOnPause):
+            handler.default_args = list(self.default_args)
+        self.rtc_router = self._build_router()
+        self.include_router(self.rtc_router)
+
+    # -- routes ------------------------------------------------------------------------------
+    def _build_router(self) -> APIRouter:
+        router = APIRouter()
+        from .websocket import handle_websocket
+
+        async def websocket_offer(websocket: WebSocket) -> None:
+            await handle_websocket(self, websocket)
+
+        async def telephone_handler(websocket: WebSocket) -> None:
+            await handle_websocket(self, websocket, phone_mode=True)
+
+        router.add_api_websocket_route("/websocket/offer", websocket_offer)
+        router.add_api_websocket_route("/telephone/handler", telephone_handler)
+        return router
+
+    def mount(self, app: FastAPI, path: str = "") -> None:
+        """Add this stream's routes to another FastAPI app under `path` (FastRTC's way)."""
+        app.include_router(self.rtc_router, prefix=path.rstrip("/"))
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await self.close_all("server shutdown")
+
+    # -- sessions ----------------------------------------------------------------------------
+    def _open_session(
+        self, webrtc_id: str, channel: DataChannel, *, kind: str
+    ) -> tuple[Session | None, str | None]:
+        """Register a connection, or return FastRTC's refusal message. No await inside, so
+        the limit check and the registration cannot interleave with another connection."""
+        import json
+
+        if webrtc_id in self.sessions:
+            return None, json.dumps(
+                {"status": "failed", "meta": {"error": "connection_already_exists", "webrtc_id": webrtc_id}}
+            )
+        if len(self.sessions) >= self.concurrency_limit:
+            return None, json.dumps(
+                {"status": "failed", "meta": {"error": "concurrency_limit_reached", "limit": self.concurrency_limit}}
+            )
+        handler = self.handler.copy() if hasattr(self.handler, "copy") else self.handler
+        if isinstance(handler, ReplyOnPause) and not handler.default_args:
+            handler.default_args = list(self.default_args)
+        session = Session(self, webrtc_id, handler, channel, kind=kind)
+        self.sessions[webrtc_id] = session
+        if self.time_limit is not None:
+            session.spawn(self._enforce_time_limit(session), "time_limit")
+        if self.verbose:
+            logger.info("session %s (%s) opened; %d active", webrtc_id, kind, len(self.sessions))
+        return session, None
+
+    async def _enforce_time_limit(self, session: Session) -> None:
+        from .utils import create_message
+
+        await asyncio.sleep(self.time_limit or 0)
+        session.send(create_message("end_stream", "time limit reached"))
+        await session.close("time limit reached")
+
+    def _unregister(self, session: Session) -> None:
+        if self.sessions.get(session.webrtc_id) is session:
+            del self.sessions[session.webrtc_id]
+
+    async def close_all(self, reason: str) -> None:
+        await asyncio.gather(*(s.close(reason) for s in list(self.sessions.values())))
+
+    def _session(self, webrtc_id: str) -> Session:
+        session = self.sessions.get(webrtc_id)
+        if session is None or session.closed.is_set():
+            raise UnknownConnection(webrtc_id)
+        return session
+
+    # -- additional inputs and outputs -------------------------------------------------------
+    def set_input(self, webrtc_id: str, *args: Any) -> None:
+        """Set the latest additional-input values of one connection.
+
+        Audio handlers see `latest_args == ["__webrtc_value__", *args]` (FastRTC's layout);
+        per-frame video handlers get `args` after the frame. Unknown id: `UnknownConnection`
+        (an HTTP 404 when raised inside a route)."""
+        session = self._session(webrtc_id)
+        handler = session.handler
+        if isinstance(handler, StreamHandlerBase):
+            handler.set_args(["__webrtc_value__", *args])
+        session.latest_args = list(args)
+
+    async def output_stream(self, webrtc_id: str) -> AsyncIterator[AdditionalOutputs]:
+        """Yield one connection's `AdditionalOutputs` as they come, until it ends."""
+        session = self._session(webrtc_id)
+        while True:
+            item = await session.outputs.get()
+            if item is None:
+                return
+            yield item
+
+    # -- telephone / UI parity -------------------------------------------------------------
+    @property
+    def active_sessions(self) -> int:
+        return len(self.sessions)

@@ -1,0 +1,241 @@
+"""The shared, batched speech detector: one batcher for every audio session of the process.
+
+Each session opens a `VADStream`. Its audio chunks (at the session's input rate) go to one
+`DynamicBatcher`; a batch is resampled to 16 kHz on the device, re-framed per stream into
+512-sample windows (with each stream's pending samples and 64-sample context kept in a
+device-resident state table), run through Silero VAD once, and the new state is scattered
+back in place. Only the per-window probabilities come back to the host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from batching import DynamicBatcher, StateSlots
+from models.device import default_device
+from models.resample import StreamingResampler
+from models.silero import SileroVAD
+
+logger = logging.getLogger(__name__)
+
+VAD_RATE = 16000
+WINDOW = 512
+CONTEXT = 64
+
+
+@dataclass
+class _Work:
+    stream: VADStream
+    rate: int
+    samples: np.ndarray  # float32 [n], n a multiple of the resampler's `down`
+    pending_len: int  # 16 kHz samples waiting on the device from earlier chunks
+    n_windows: int
+    generation: int
+    hist_generation: int
+
+
+class VADEngine:
+    """Batched resampling + Silero VAD for many streams, state kept on the device."""
+
+    def __init__(
+        self,
+        *,
+        device: str | torch.device | None = None,
+        capacity: int = 4096,
+        max_batch_size: int = 512,
+        max_queue_delay_ms: float = 20.0,
+        max_queue_size: int = 8192,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        self.capacity = capacity
+        self.model = SileroVAD.from_package(VAD_RATE, device=self.device)
+        self.state = StateSlots(
+            capacity,
+            {"h": (128,), "c": (128,), "ctx": (CONTEXT,), "pending": (WINDOW,)},
+            device=self.device,
+        )
+        self._resamplers: dict[int, StreamingResampler] = {}
+        self._histories: dict[int, StateSlots] = {}
+        self._setup_lock = threading.Lock()
+        self.batcher: DynamicBatcher[_Work, np.ndarray] = DynamicBatcher(
+            self._run_batch,
+            name="silero_vad",
+            max_batch_size=max_batch_size,
+            max_queue_delay_ms=max_queue_delay_ms,
+            max_queue_size=max_queue_size,
+            group_key=lambda w: (w.rate, w.samples.shape[0]),
+        )
+
+    # -- streams ---------------------------------------------------------------------------
+    def open_stream(self, sample_rate: int) -> VADStream:
+        if sample_rate <= 0:
+            raise ValueError(f"sample rate must be positive, got {sample_rate}")
+        self._ensure_rate(sample_rate)
+        return VADStream(self, sample_rate)
+
+    def _ensure_rate(self, rate: int) -> None:
+        if rate == VAD_RATE or rate in self._resamplers:
+            return
+        with self._setup_lock:
+            if rate in self._resamplers:
+                return
+            rs = StreamingResampler(rate, VAD_RATE, device=self.device)
+            self._histories[rate] = StateSlots(
+                self.capacity, {"x": (rs.history_size,)}, device=self.device
+            )
+            self._resamplers[rate] = rs
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    # -- the batch -------------------------------------------------------------------------
+    def _run_batch(self, items: list[_Work]) -> list[np.ndarray]:
+        dev = self.device
+        rate = items[0].rate
+        x = torch.from_numpy(np.stack([w.samples for w in items]))
+        if dev.type == "cuda":
+            x = x.pin_memory().to(dev, non_blocking=True)
+        slots = [w.stream.slot for w in items]
+        k_host = [w.n_windows for w in items]
+        with torch.inference_mode():
+            if rate != VAD_RATE:
+                hist_table = self._histories[rate]
+                hslots = [w.stream.hist_slot for w in items]
+                y, new_hist = self._resamplers[rate](x, hist_table.gather(hslots)["x"])
+            else:
+                y = x
+            st = self.state.gather(slots)
+            b, m = y.shape
+            t_max = max(k_host)
+            p = torch.tensor([w.pending_len for w in items], device=dev)[:, None]
+            k = torch.tensor(k_host, device=dev)
+            # Per stream, the sample sequence is pending[:p] followed by y. Build it for all
+            # streams at once with one gather, so windows start where each stream left off.
+            buf = torch.cat([st["pending"], y], dim=1)
+            j = torch.arange((t_max + 1) * WINDOW, device=dev)[None, :]
+            src = torch.where(j < p, j, j - p + WINDOW).clamp_(max=WINDOW + m - 1)
+            seq = buf.gather(1, src.expand(b, -1))
+            if t_max > 0:
+                windows = seq[:, : t_max * WINDOW].reshape(b, t_max, WINDOW)
+                probs, h, c, ctx = self.model.forward_windows(
+                    windows, st["ctx"], st["h"], st["c"], k
+                )
+            else:
+                probs, h, c, ctx = y.new_zeros(b, 0), st["h"], st["c"], st["ctx"]
+            keep = (k[:, None] * WINDOW + torch.arange(WINDOW, device=dev)[None, :])
+            new_pending = seq.gather(1, keep)
+            probs_host = probs.float().cpu().numpy()
+        # Write-back is the last step: a batch that raised above never advances a stream.
+        if rate != VAD_RATE:
+            hist_table.scatter(
+                hslots, {"x": new_hist}, generations=[w.hist_generation for w in items]
+            )
+        self.state.scatter(
+            slots,
+            {"h": h, "c": c, "ctx": ctx, "pending": new_pending},
+            generations=[w.generation for w in items],
+        )
+        return [probs_host[i, : k_host[i]] for i in range(b)]
+
+
+class VADStream:
+    """One audio stream's handle on the shared VAD: push samples, get window probabilities."""
+
+    def __init__(self, engine: VADEngine, sample_rate: int) -> None:
+        self.engine = engine
+        self.sample_rate = sample_rate
+        self.slot = engine.state.acquire()
+        self.generation = engine.state.generation(self.slot)
+        self.hist_slot = -1
+        self.hist_generation = 0
+        self._down = 1
+        self._up = 1
+        if sample_rate != VAD_RATE:
+            rs = engine._resamplers[sample_rate]
+            table = engine._histories[sample_rate]
+            try:
+                self.hist_slot = table.acquire()
+            except Exception:
+                engine.state.release(self.slot)
+                raise
+            self.hist_generation = table.generation(self.hist_slot)
+            self._up, self._down = rs.up, rs.down
+        self._carry = np.zeros(0, dtype=np.float32)  # < `down` input samples not yet usable
+        self._pending = 0
+        self._lock = asyncio.Lock()
+        self.closed = False
+        self.windows_done = 0
+
+    async def process(
+        self, samples: np.ndarray, *, latency_budget_s: float = 0.05
+    ) -> np.ndarray:
+        """Feed mono samples (int16 or float in [-1, 1]); returns one probability per
+        512-sample window completed at 16 kHz (possibly none)."""
+        if self.closed:
+            raise RuntimeError("VAD stream is closed")
+        x = np.asarray(samples)
+        if x.dtype == np.int16:
+            x = x.astype(np.float32) / 32768.0
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+        async with self._lock:
+            if self._carry.size:
+                x = np.concatenate([self._carry, x])
+            usable = x.size - x.size % self._down
+            self._carry = x[usable:].copy()
+            if usable == 0:
+                return np.zeros(0, dtype=np.float32)
+            produced = usable * self._up // self._down
+            before = self._pending
+            total = before + produced
+            n_windows = total // WINDOW
+            self._pending = total % WINDOW
+            work = _Work(
+                self, self.sample_rate, x[:usable], before, n_windows,
+                self.generation, self.hist_generation,
+            )
+            try:
+                probs = await self.engine.batcher.submit(
+                    work, deadline=time.monotonic() + latency_budget_s
+                )
+            except BaseException:
+                # Nothing was written back for this chunk: keep the bookkeeping in step.
+                self._pending = before
+                raise
+            self.windows_done += n_windows
+            return probs
+
+    def close(self) -> None:
+        """Release the state slots (a batch still in flight for them will not write back)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.engine.state.release(self.slot)
+        if self.hist_slot >= 0:
+            self.engine._histories[self.sample_rate].release(self.hist_slot)
+
+
+_default_engine: VADEngine | None = None
+_default_lock = threading.Lock()
+
+
+def get_vad_engine() -> VADEngine:
+    """The process-wide engine every `ReplyOnPause` shares (created on first use)."""
+    global _default_engine
+    with _default_lock:
+        if _default_engine is None:
+            _default_engine = VADEngine()
+        return _default_engine
+
+
+def set_vad_engine(engine: VADEngine | None) -> None:
+    """Replace the process-wide engine (tests and benchmarks use their own settings)."""
+    global _default_engine
+    with _default_lock:
+        _default_engine = engine
