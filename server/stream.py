@@ -180,14 +180,21 @@ class Stream(FastAPI):
             handler.set_args(["__webrtc_value__", *args])
         session.latest_args = list(args)
 
-    async def output_stream(self, webrtc_id: str) -> AsyncIterator[AdditionalOutputs]:
-        """Yield one connection's `AdditionalOutputs` as they come, until it ends."""
+    def output_stream(self, webrtc_id: str) -> AsyncIterator[AdditionalOutputs]:
+        """One connection's `AdditionalOutputs` as they come, until it ends.
+
+        The id is checked when this is called (not at the first iteration), so a route that
+        calls it before building its `StreamingResponse` answers an unknown id with a 404."""
         session = self._session(webrtc_id)
-        while True:
-            item = await session.outputs.get()
-            if item is None:
-                return
-            yield item
+
+        async def outputs() -> AsyncIterator[AdditionalOutputs]:
+            while True:
+                item = await session.outputs.get()
+                if item is None:
+                    return
+                yield item
+
+        return outputs()
 
     # -- telephone / UI parity -------------------------------------------------------------
     @property

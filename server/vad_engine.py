@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -230,7 +231,10 @@ def get_vad_engine() -> VADEngine:
     global _default_engine
     with _default_lock:
         if _default_engine is None:
-            _default_engine = VADEngine()
+            _default_engine = VADEngine(
+                max_batch_size=int(os.environ.get("BATCHRTC_VAD_MAX_BATCH", "512")),
+                max_queue_delay_ms=float(os.environ.get("BATCHRTC_VAD_MAX_DELAY_MS", "20")),
+            )
         return _default_engine
 
 

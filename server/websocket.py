@@ -84,6 +84,26 @@ async def handle_websocket(stream: Stream, ws: WebSocket, *, phone_mode: bool = 
     writer = asyncio.create_task(_writer(ws, channel))
     session: Session | None = None
     close_code, close_reason = 1000, "bye"
+    closing = False
+
+    async def finish(code: int, reason: str) -> None:
+        """Flush queued messages (errors, end_stream), then close: once, from whichever
+        side ends first (client, handler, time limit, server shutdown)."""
+        nonlocal closing
+        if closing:
+            return
+        closing = True
+        try:
+            channel.queue.put_nowait(None)
+            await asyncio.wait_for(asyncio.shield(writer), 2.0)
+        except (asyncio.QueueFull, asyncio.TimeoutError, Exception):
+            pass
+        writer.cancel()
+        if ws.application_state == WebSocketState.CONNECTED and ws.client_state == WebSocketState.CONNECTED:
+            try:
+                await ws.close(code=code, reason=reason[:120])
+            except Exception:
+                pass
 
     async def fatal(code: int, text: str) -> None:
         nonlocal close_code, close_reason
@@ -146,7 +166,7 @@ async def handle_websocket(stream: Stream, ws: WebSocket, *, phone_mode: bool = 
                     channel.send(refusal or _failed("unknown_error"))
                     close_code, close_reason = 1008, "refused"
                     break
-                session.on_close(lambda: channel.send(None) if False else None)
+                session.on_close(lambda s=session: finish(1000, s.close_reason or "closed"))
                 _start_session(stream, session, ws, channel, phone_mode)
             elif event == "stop":
                 break
@@ -162,20 +182,13 @@ async def handle_websocket(stream: Stream, ws: WebSocket, *, phone_mode: bool = 
     except WebSocketDisconnect:
         close_code = -1
     finally:
+        if close_code == -1:
+            closing = True  # the client is gone: nothing to flush or close
+            writer.cancel()
+        else:
+            await finish(close_code, close_reason)
         if session is not None:
             await session.close(close_reason if close_code != -1 else "client disconnected")
-        if close_code != -1:
-            # Flush what is queued (errors, end_stream) before closing.
-            channel.queue.put_nowait(None) if not channel.queue.full() else None
-            try:
-                await asyncio.wait_for(writer, 2.0)
-            except (asyncio.TimeoutError, Exception):
-                pass
-            if ws.application_state == WebSocketState.CONNECTED:
-                try:
-                    await ws.close(code=close_code, reason=close_reason)
-                except Exception:
-                    pass
         writer.cancel()
 
 

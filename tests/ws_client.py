@@ -74,7 +74,10 @@ async def stream_audio(
                 if delay > 0:
                     await asyncio.sleep(delay)
             payload = base64.b64encode(ulaw_encode(pcm[start : start + step])).decode()
-            await ws.send(json.dumps({"event": "media", "media": {"payload": payload}}))
+            try:
+                await ws.send(json.dumps({"event": "media", "media": {"payload": payload}}))
+            except websockets.ConnectionClosed:
+                break  # the server ended the session (time limit, CloseStream, refusal)
         await asyncio.sleep(tail_s)
         try:
             await ws.send(json.dumps({"event": "stop"}))
