@@ -153,6 +153,7 @@ class DynamicBatcher(Generic[T, R]):
                 f"batcher {self.name!r}: submit() must be called from a thread running an asyncio loop"
             ) from None
         key = self.group_key(item) if self.group_key is not None else None
+        hash(key)  # an unhashable key must fail here, in the caller, not on the worker thread
         fut: asyncio.Future[R] = loop.create_future()
         now = time.monotonic()
         with self._cond:
@@ -239,7 +240,14 @@ class DynamicBatcher(Generic[T, R]):
 
     def _worker(self) -> None:
         while True:
-            picked = self._next_batch()
+            try:
+                picked = self._next_batch()
+            except BaseException:
+                # A bug in batch selection: fail loudly and release everyone rather than
+                # leave submitters waiting on a dead thread.
+                log.exception("batcher %r: internal error selecting a batch; closing", self.name)
+                self.close(timeout=0)
+                return
             if picked is None:
                 return
             items, reason = picked

@@ -63,6 +63,12 @@ RATIO_TARGET = 5.0           # CPU: batched/core at B=256 >= 5x per-stream onnxr
 CUDA_FPS_TARGET = 1_000_000  # GPU: >= 1M frames/s ...
 CUDA_STEP_MS_TARGET = 5.0    # ... with one batch's run time <= 5 ms
 
+# `import silero_vad` runs torch.set_num_threads(1) process-wide (silero_vad/model.py), so
+# remember torch's own default before anything imports it; the batched CPU rows restore it.
+_TORCH_DEFAULT_THREADS = None if "silero_vad" in sys.modules else torch.get_num_threads()
+
+NOISY_LOAD = 0.15  # rows timed while other processes used more than this get a dagger
+
 M_BATCHED = "batched (eager)"
 M_GRAPH = "batched (CUDA graph)"
 M_JIT = "per-stream torchscript"
@@ -91,6 +97,68 @@ class Row:
 
 
 # ---------------------------------------------------------------------------- machine info
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _proc_stat() -> tuple[int, int] | None:
+    """(total, idle) jiffies summed over all CPUs, from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(vals), vals[3] + (vals[4] if len(vals) > 4 else 0)
+
+
+class OtherLoad:
+    """CPU load of *other* processes while a block runs: machine-wide busy time from
+    /proc/stat minus this process's own CPU time, as a fraction of all CPUs."""
+
+    def __enter__(self) -> "OtherLoad":
+        self.value: float | None = None
+        self._a = _proc_stat()
+        self._cpu = time.process_time()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        b = _proc_stat()
+        if self._a is None or b is None or b[0] <= self._a[0]:
+            return
+        hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        total = (b[0] - self._a[0]) / hz
+        busy = total - (b[1] - self._a[1]) / hz
+        self.value = max(0.0, min(1.0, (busy - (time.process_time() - self._cpu)) / total))
+
+
+def wait_for_idle(max_wait_s: float, threshold: float = 0.10) -> float | None:
+    """Wait (up to max_wait_s) until other processes use < threshold of the CPUs."""
+    deadline = time.monotonic() + max_wait_s
+    busy = system_busy(0.25)
+    while busy is not None and busy >= threshold and time.monotonic() < deadline:
+        busy = system_busy(0.25)
+    return busy
+
+
+_WAIT_IDLE_S = 0.0  # set by --wait-idle
+
+
+def system_busy(interval_s: float = 0.5) -> float | None:
+    """Fraction of all CPUs busy over interval_s while this process sleeps, i.e. the load
+    from *other* processes (from /proc/stat; None where unavailable). A shared machine skews
+    every number here, the multi-threaded batched rows most (a preempted OpenMP worker
+    stalls the whole step), so the header records it."""
+    a = _proc_stat()
+    time.sleep(interval_s)
+    b = _proc_stat()
+    if a is None or b is None or b[0] == a[0]:
+        return None
+    return 1.0 - (b[1] - a[1]) / (b[0] - a[0])
+
+
 def machine_info() -> dict[str, Any]:
     cpu_model = platform.processor() or "unknown"
     try:
@@ -101,10 +169,7 @@ def machine_info() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        usable = os.cpu_count() or 1
+    usable = _usable_cpus()
     info: dict[str, Any] = {
         "cpu_model": cpu_model,
         "logical_cpus": os.cpu_count(),
@@ -174,8 +239,12 @@ def _iters_for(est_s: float, target_s: float, min_iters: int, max_iters: int) ->
 
 
 def time_cpu(step: Callable[[], None], target_s: float, warmup: int = 3,
-             min_iters: int = 5, max_iters: int = 20_000) -> list[float]:
-    """Per-step wall times (perf_counter), iterations scaled so the loop takes ~target_s."""
+             min_iters: int = 5, max_iters: int = 20_000,
+             load: dict[str, Any] | None = None) -> list[float]:
+    """Per-step wall times (perf_counter), iterations scaled so the loop takes ~target_s.
+    load (if given) receives "other_load": other processes' CPU share during the timed loop."""
+    if _WAIT_IDLE_S > 0:
+        wait_for_idle(_WAIT_IDLE_S)
     for _ in range(warmup):
         step()
     t0 = time.perf_counter()
@@ -187,10 +256,13 @@ def time_cpu(step: Callable[[], None], target_s: float, warmup: int = 3,
     n = _iters_for(est, target_s, min_iters, max_iters)
     times = []
     pc = time.perf_counter
-    for _ in range(n):
-        a = pc()
-        step()
-        times.append(pc() - a)
+    with OtherLoad() as ol:
+        for _ in range(n):
+            a = pc()
+            step()
+            times.append(pc() - a)
+    if load is not None:
+        load["other_load"] = ol.value
     return times
 
 
@@ -246,7 +318,8 @@ def load_model(device: str) -> torch.nn.Module:
 
 
 def bench_batched_cpu(batch_sizes: list[int], target_s: float, warmup: int = 3,
-                      model: torch.nn.Module | None = None) -> list[Row]:
+                      model: torch.nn.Module | None = None, **extra: Any) -> list[Row]:
+    """Batched rows with the current torch.get_num_threads(); extra goes into Row.extra."""
     model = model if model is not None else load_model("cpu")
     threads = torch.get_num_threads()
     pool_n = _pool_windows(max(batch_sizes))
@@ -262,9 +335,11 @@ def bench_batched_cpu(batch_sizes: list[int], target_s: float, warmup: int = 3,
                 _, st["h"], st["c"] = model(xs[i % pool_n], st["h"], st["c"])
                 st["i"] = i + 1
 
-            times = time_cpu(step, target_s, warmup=warmup)
-            rows.append(_row(M_BATCHED, "cpu", b, threads, times, per_core=True))
-            _log(f"  cpu batched B={b:5d}: {rows[-1].step_ms:8.3f} ms  "
+            load: dict[str, Any] = {}
+            times = time_cpu(step, target_s, warmup=warmup, load=load)
+            rows.append(_row(M_BATCHED, "cpu", b, threads, times, per_core=True, **extra,
+                             **load))
+            _log(f"  cpu batched B={b:5d} threads={threads}: {rows[-1].step_ms:8.3f} ms  "
                  f"{rows[-1].frames_s:12,.0f} frames/s")
             del xs, st
     return rows
@@ -366,9 +441,11 @@ def _bench_graph(model: torch.nn.Module, host: torch.Tensor, xs: torch.Tensor, b
 def _per_stream_row(method: str, n_streams: int, threads: int, round_fn: Callable[[], None],
                     target_s: float, warmup: int) -> Row:
     """round_fn = one window for each of n_streams streams (round-robin). Reported per call."""
-    times = time_cpu(round_fn, target_s, warmup=warmup, min_iters=5)
+    load: dict[str, Any] = {}
+    times = time_cpu(round_fn, target_s, warmup=warmup, min_iters=5, load=load)
     per_call = [t / n_streams for t in times]
-    return _row(method, "cpu", 1, threads, per_call, per_core=True, streams_round_robin=n_streams)
+    return _row(method, "cpu", 1, threads, per_call, per_core=True,
+                streams_round_robin=n_streams, **load)
 
 
 def bench_jit_per_stream(n_streams: int, target_s: float, threads: int = 1,
@@ -471,7 +548,9 @@ def _nearest(rows: list[Row], batch: int) -> Row | None:
 
 def summarize(rows: list[Row]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    cpu_b = [r for r in rows if r.method == M_BATCHED and r.device == "cpu"]
+    cpu_all = [r for r in rows if r.method == M_BATCHED and r.device == "cpu"]
+    cpu_b = [r for r in cpu_all if not r.extra.get("single_thread_ref")]
+    one = [r for r in cpu_all if r.extra.get("single_thread_ref")]
     ort = {r.method: r for r in rows if r.method in (M_ORT_RAW, M_ORT_WRAP)}
     ref = _nearest(cpu_b, RATIO_BATCH)
     if ref is not None and ref.frames_s_per_core:
@@ -480,6 +559,11 @@ def summarize(rows: list[Row]) -> dict[str, Any]:
         for key, m in (("raw", M_ORT_RAW), ("wrapper", M_ORT_WRAP)):
             if m in ort and ort[m].frames_s_per_core:
                 out[f"ratio_vs_ort_{key}"] = ref.frames_s_per_core / ort[m].frames_s_per_core
+        ref1 = _nearest(one, RATIO_BATCH)
+        if ref1 is not None and ref1.batch == ref.batch and M_ORT_RAW in ort:
+            out["cpu_batched_per_core_1thread"] = ref1.frames_s_per_core
+            out["ratio_vs_ort_raw_1thread"] = (ref1.frames_s_per_core
+                                              / ort[M_ORT_RAW].frames_s_per_core)
         best = max(cpu_b, key=lambda r: r.frames_s_per_core or 0)
         out["cpu_peak_per_core"] = best.frames_s_per_core
         out["cpu_peak_batch"] = best.batch
@@ -519,6 +603,14 @@ def _fmt(v: float | None, digits: int = 0) -> str:
     return f"{v:,.{digits}f}"
 
 
+def _fmt_ms(v: float) -> str:
+    return f"{v:.5f}" if v < 0.1 else f"{v:.4f}" if v < 1 else f"{v:.3f}"
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.0f}%"
+
+
 def render_markdown(info: dict[str, Any], rows: list[Row], summary: dict[str, Any],
                     config: dict[str, Any]) -> str:
     has_copy = any(r.copy_step_ms is not None for r in rows)
@@ -532,6 +624,9 @@ def render_markdown(info: dict[str, Any], rows: list[Row], summary: dict[str, An
         f"silero-vad {info.get('silero_vad')} | GPU: {info['gpu'] or 'none'}"
         + (f" (CUDA {info.get('cuda')})" if info["gpu"] else ""),
         "",
+        f"Other processes' CPU load: {_pct(info.get('system_busy_start'))} before, "
+        f"{_pct(info.get('system_busy_end'))} after this run (should be ~0% for clean numbers).",
+        "",
         f"Config: per-stream streams={config['streams']}, ~{config['time_per_size']} s timed "
         f"per size, median step; batched state carried; inputs = fixed-seed noise + sines.",
         "",
@@ -542,24 +637,36 @@ def render_markdown(info: dict[str, Any], rows: list[Row], summary: dict[str, An
         head += ["step ms w/ H2D in + D2H probs", "frames/s w/ copies"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(head))) + "|")
+    any_noisy = False
     for r in rows:
+        noisy = (r.extra.get("other_load") or 0) > NOISY_LOAD
+        any_noisy |= noisy
         cells = [r.method, r.device, str(r.batch),
                  "-" if r.threads is None else str(r.threads),
-                 f"{r.step_ms:.4f}" if r.step_ms < 1 else f"{r.step_ms:.3f}",
+                 _fmt_ms(r.step_ms)
+                 + (" †" if noisy else ""),
                  _fmt(r.frames_s), _fmt(r.streams), _fmt(r.frames_s_per_core)]
         if has_copy:
-            cells += ["-" if r.copy_step_ms is None else f"{r.copy_step_ms:.4f}",
+            cells += ["-" if r.copy_step_ms is None else _fmt_ms(r.copy_step_ms),
                       _fmt(r.copy_frames_s)]
         lines.append("| " + " | ".join(cells) + " |")
+    if any_noisy:
+        lines += ["", f"† other processes used > {100 * NOISY_LOAD:.0f}% of the CPUs while this "
+                  "row was timed (see other_load in the JSON); treat it as noisy."]
     lines += ["", "## Key ratios", ""]
     if "cpu_ratio_batch" in summary:
         b = summary["cpu_ratio_batch"]
         note = "" if b == RATIO_BATCH else f" (batch {RATIO_BATCH} not run; nearest {b})"
-        lines.append(f"- CPU batched frames/s per core at batch {b}{note}: "
+        lines.append(f"- CPU batched frames/s per core at batch {b}{note} "
+                     f"({info['torch_threads']} threads): "
                      f"{_fmt(summary['cpu_batched_per_core'])}")
         if "ratio_vs_ort_raw" in summary:
             lines.append(f"- ratio vs per-stream onnxruntime (raw session) per core: "
                          f"**{summary['ratio_vs_ort_raw']:.2f}x**")
+        if "ratio_vs_ort_raw_1thread" in summary:
+            lines.append(f"- same with the batched module on 1 thread: "
+                         f"{_fmt(summary['cpu_batched_per_core_1thread'])} frames/s per core, "
+                         f"{summary['ratio_vs_ort_raw_1thread']:.2f}x vs onnxruntime (raw session)")
         if "ratio_vs_ort_wrapper" in summary:
             lines.append(f"- ratio vs per-stream onnxruntime (OnnxWrapper) per core: "
                          f"{summary['ratio_vs_ort_wrapper']:.2f}x")
@@ -605,7 +712,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=None, help="override for the CUDA rows only (default: "
                    "--batch-sizes if given, else 1..32768)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads for the batched CPU rows (default: torch's)")
+                   help="torch.set_num_threads for the batched CPU rows (default: torch's "
+                        "default, captured before silero_vad's import sets it to 1)")
     p.add_argument("--jit-threads", type=int, default=1,
                    help="torch threads for the per-stream TorchScript rows (default 1: a "
                         "single window does not parallelise; per-core numbers use this)")
@@ -618,6 +726,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph rows")
     p.add_argument("--skip-cpu-batched", action="store_true",
                    help="skip the batched CPU rows (e.g. on a GPU box; no CPU ratio then)")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                   help="before each CPU measurement wait up to SECONDS for other processes "
+                        "to use < 10%% of the CPUs (for shared machines; default 0 = don't)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run (< 30 s): batch sizes 1,16,256, 0.2 s per size, 4 streams")
     p.add_argument("--out", default=None,
@@ -627,9 +738,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any], dict[str, Any]]:
-    """Run every selected benchmark. Returns (rows, summary, info)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    """Run every selected benchmark. Returns (rows, summary, info). Leaves the process's
+    torch thread count as it found it."""
+    prev_threads = torch.get_num_threads()
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any], dict[str, Any]]:
+    global _WAIT_IDLE_S
+    _WAIT_IDLE_S = max(0.0, getattr(args, "wait_idle", 0.0) or 0.0)
+    batched_threads = args.threads or _TORCH_DEFAULT_THREADS or _usable_cpus()
     quick = args.quick
     target_s = args.time_per_size if args.time_per_size else (0.2 if quick else 1.5)
     streams = args.streams if not (quick and args.streams == 8) else 4
@@ -640,6 +761,11 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any], dict[str, 
     cuda_sizes = (args.cuda_batch_sizes or args.batch_sizes
                   or (QUICK_BATCH_SIZES + [4096] if quick else DEFAULT_CUDA_BATCH_SIZES))
     info = machine_info()
+    info["torch_threads"] = batched_threads
+    info["system_busy_start"] = system_busy()
+    if (info["system_busy_start"] or 0) > 0.15:
+        _log(f"WARNING: other processes keep {_pct(info['system_busy_start'])} of the CPUs "
+             f"busy; CPU numbers will be noisy")
     rows: list[Row] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load deprecation
@@ -650,13 +776,25 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any], dict[str, 
                                          warmup=args.warmup))
         for r in rows:
             _log(f"  {r.method}: {r.step_ms:.4f} ms/call  {r.frames_s:,.0f} frames/s")
+        torch.set_num_threads(batched_threads)  # undo silero_vad's import-time set_num_threads(1)
         if not args.skip_cpu_batched:
             _log(f"batched CPU ({torch.get_num_threads()} threads)")
-            rows.extend(bench_batched_cpu(batch_sizes, target_s, warmup=args.warmup))
+            model = load_model("cpu")
+            rows.extend(bench_batched_cpu(batch_sizes, target_s, warmup=args.warmup,
+                                          model=model))
+            if batched_threads > 1 and RATIO_BATCH in batch_sizes:
+                # per-core reference: the same module on one thread at the ratio batch
+                torch.set_num_threads(1)
+                try:
+                    rows.extend(bench_batched_cpu([RATIO_BATCH], target_s, warmup=args.warmup,
+                                                  model=model, single_thread_ref=True))
+                finally:
+                    torch.set_num_threads(batched_threads)
         if use_cuda:
             _log(f"batched CUDA on {torch.cuda.get_device_name(0)}")
             rows.extend(bench_batched_cuda(cuda_sizes, target_s, graphs=not args.no_graph,
                                            warmup=max(args.warmup, 5)))
+    info["system_busy_end"] = system_busy()
     info["device_run"] = "cuda" if use_cuda else "cpu"
     info["config"] = {"streams": streams, "time_per_size": target_s, "quick": quick,
                       "batch_sizes": batch_sizes, "cuda_batch_sizes": cuda_sizes if use_cuda

@@ -58,6 +58,8 @@ class Session:
         self._received = asyncio.Event()
         self._on_close: list[Callable[[], Any]] = []
         self.context = Context(webrtc_id=webrtc_id)
+        self.latest_args: list[Any] | None = None  # set_input values (None: use defaults)
+        self._last_error: tuple[str, float] = ("", 0.0)
         if isinstance(handler, StreamHandlerBase):
             handler._loop = self.loop
             handler.set_channel(channel)
@@ -97,6 +99,10 @@ class Session:
             self.send(create_message("warning", e.message))
             return
         text = str(e) if isinstance(e, WebRTCError) else f"{type(e).__name__}: {e}"
+        now = time.monotonic()
+        if self._last_error[0] == text and now - self._last_error[1] < 1.0:
+            return  # a handler failing on every frame: one message a second is enough
+        self._last_error = (text, now)
         logger.warning("session %s: handler raised %s", self.webrtc_id, text)
         self.send_error(text)
 

@@ -107,6 +107,9 @@ class Stream(FastAPI):
         async def telephone_handler(websocket: WebSocket) -> None:
             await handle_websocket(self, websocket, phone_mode=True)
 
+        from .webrtc import offer_endpoint
+
+        router.add_api_route("/webrtc/offer", offer_endpoint(self), methods=["POST"])
         router.add_api_websocket_route("/websocket/offer", websocket_offer)
         router.add_api_websocket_route("/telephone/handler", telephone_handler)
         return router

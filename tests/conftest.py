@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+# WebRTC in tests runs on loopback only (aioice would offer every interface but loopback).
+os.environ.setdefault("BATCHRTC_ICE_HOSTS", "127.0.0.1")
+
 import asyncio
 import socket
 import threading

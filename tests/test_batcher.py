@@ -220,6 +220,13 @@ async def test_oldest_group_first_and_full_younger_group_not_held(make_batcher):
 # --------------------------------------------------------------------------- back-pressure & drops
 
 
+async def test_unhashable_group_key_fails_in_submit(make_batcher):
+    b = make_batcher(double, group_key=lambda it: [it])
+    with pytest.raises(TypeError):
+        b.submit(1)
+    assert b.stats.snapshot()["submitted"] == 0
+
+
 async def test_queue_full_raises(make_batcher):
     gate = Gate()
 
@@ -396,6 +403,39 @@ async def test_worker_survives_failures(make_batcher):
 
 
 # --------------------------------------------------------------------------- lifecycle, stats, loop
+
+
+async def test_result_for_a_closed_loop_is_discarded_and_worker_survives(make_batcher):
+    gate = Gate()
+
+    def fn(items):
+        if items == ["orphan"]:
+            gate.wait_in_fn()
+        return items
+
+    b = make_batcher(fn, max_batch_size=1, max_queue_delay_ms=0)
+
+    async def submit_and_leave():
+        b.submit("orphan")  # the submitter's loop closes before the result exists
+
+    await asyncio.to_thread(asyncio.run, submit_and_leave())
+    await gate.until_started()
+    gate.release.set()
+    assert await b.submit("next") == "next"
+    assert b._thread.is_alive()
+
+
+async def test_fn_runs_on_the_batcher_worker_thread(make_batcher):
+    where: list[str] = []
+
+    def fn(items):
+        where.append(threading.current_thread().name)
+        return items
+
+    b = make_batcher(fn, name="vad", max_batch_size=1)
+    await b.submit(1)
+    await b.submit(2)
+    assert where == ["batcher-vad", "batcher-vad"]
 
 
 async def test_close_fails_pending_and_rejects_new(make_batcher):

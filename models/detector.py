@@ -1,0 +1,567 @@
+"""Batched MTCNN face detector in plain torch (no torchvision), for a batch of video frames.
+
+The three networks (PNet / RNet / ONet) are re-implemented here and load the pretrained state
+dicts that ship in the ``facenet-pytorch`` wheel (``facenet_pytorch/data/{p,r,o}net.pt``). The
+package is located with ``importlib.util.find_spec`` and never imported: its ``__init__`` pulls
+in torchvision. Install it without its (old, pinned) dependencies::
+
+    pip install --no-deps facenet-pytorch==2.6.0
+
+The pipeline follows ``facenet_pytorch.models.utils.detect_face.detect_face`` (the reference
+most people know), restated for a batch that stays together through every stage:
+
+1. Image pyramid: scales ``12/min_face_size * factor**k`` while the short side stays >= 12
+   (computed once per frame shape). For each scale the whole batch is resized with
+   ``interpolate(mode="area")`` to ``(int(h*s+1), int(w*s+1))`` and run through PNet.
+2. The score maps of all scales are flattened and concatenated so one ``nonzero`` yields every
+   candidate of every frame and scale; each candidate carries its frame index. NMS (IoU 0.5)
+   runs per (frame, scale) and then (IoU 0.7) per frame across scales, both as one batched call.
+   PNet's regression is applied, boxes are squared (``rerec``).
+3. RNet on 24x24 crops of all candidates of all frames at once, score > thresholds[1], NMS 0.7
+   per frame, regression (``bbreg``), ``rerec``.
+4. ONet on 48x48 crops, score > thresholds[2], ``bbreg``, NMS 0.7 per frame with the "Min"
+   overlap (intersection over the smaller area), as facenet-pytorch does.
+
+Crops follow facenet-pytorch's ``pad``: box corners are truncated to ints and clamped to the
+image (no zero padding), the crop is pixels ``[y1-1, y2) x [x1-1, x2)`` and is resized with
+area interpolation. Here that area resize is done for every crop at once from an integral image
+of the batch (exactly ``adaptive_avg_pool2d``'s bins, which is what ``interpolate(mode="area")``
+is), instead of a Python loop of per-crop ``interpolate`` calls. Unlike facenet-pytorch, a box
+whose clamped crop is empty is dropped (the reference silently misaligns crops and boxes then).
+
+Everything is device-agnostic float32 torch; the host syncs are a handful of ``nonzero`` /
+size reads per call, independent of the batch size.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["FaceDetector", "PNet", "RNet", "ONet", "batched_nms", "draw_boxes", "weights_dir"]
+
+_INSTALL_HINT = "pip install --no-deps facenet-pytorch==2.6.0"
+# Elements of one [groups, M, M] overlap block in batched_nms; bounds its memory.
+_NMS_BLOCK_ELEMS = 1 << 24
+# Crops per RNet/ONet forward call; bounds activation memory for huge candidate sets.
+_NET_CHUNK = 4096
+
+
+def weights_dir() -> str:
+    """The ``data`` folder of the installed facenet-pytorch package (without importing it)."""
+    spec = importlib.util.find_spec("facenet_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "MTCNN weights not found: the facenet-pytorch wheel is not installed. "
+            f"Install it with `{_INSTALL_HINT}` (its own dependencies are not needed)."
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data")
+    missing = [n for n in ("pnet.pt", "rnet.pt", "onet.pt") if not os.path.isfile(os.path.join(path, n))]
+    if missing:
+        raise FileNotFoundError(
+            f"MTCNN weights {missing} missing from {path}; reinstall with `{_INSTALL_HINT}`."
+        )
+    return path
+
+
+def _load_state(name: str) -> dict[str, Tensor]:
+    return torch.load(os.path.join(weights_dir(), f"{name}.pt"), map_location="cpu",
+                      weights_only=True)
+
+
+# ------------------------------------------------------------------------------------ networks
+class PNet(nn.Module):
+    """Proposal net: fully convolutional, 12x12 receptive field, stride 2.
+
+    Returns ``(reg [B,4,h,w], prob [B,2,h,w])`` (softmax over face/non-face).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 10, kernel_size=3)
+        self.prelu1 = nn.PReLU(10)
+        self.conv2 = nn.Conv2d(10, 16, kernel_size=3)
+        self.prelu2 = nn.PReLU(16)
+        self.conv3 = nn.Conv2d(16, 32, kernel_size=3)
+        self.prelu3 = nn.PReLU(32)
+        self.conv4_1 = nn.Conv2d(32, 2, kernel_size=1)
+        self.conv4_2 = nn.Conv2d(32, 4, kernel_size=1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.prelu1(self.conv1(x))
+        x = F.max_pool2d(x, 2, 2, ceil_mode=True)
+        x = self.prelu2(self.conv2(x))
+        x = self.prelu3(self.conv3(x))
+        return self.conv4_2(x), torch.softmax(self.conv4_1(x), dim=1)
+
+
+class RNet(nn.Module):
+    """Refine net on 24x24 crops. Returns ``(reg [N,4], prob [N,2])``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 28, kernel_size=3)
+        self.prelu1 = nn.PReLU(28)
+        self.conv2 = nn.Conv2d(28, 48, kernel_size=3)
+        self.prelu2 = nn.PReLU(48)
+        self.conv3 = nn.Conv2d(48, 64, kernel_size=2)
+        self.prelu3 = nn.PReLU(64)
+        self.dense4 = nn.Linear(576, 128)
+        self.prelu4 = nn.PReLU(128)
+        self.dense5_1 = nn.Linear(128, 2)
+        self.dense5_2 = nn.Linear(128, 4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.prelu1(self.conv1(x))
+        x = F.max_pool2d(x, 3, 2, ceil_mode=True)
+        x = self.prelu2(self.conv2(x))
+        x = F.max_pool2d(x, 3, 2, ceil_mode=True)
+        x = self.prelu3(self.conv3(x))
+        # The weights come from a (W, H, C)-ordered framework: flatten in that order.
+        x = x.permute(0, 3, 2, 1).reshape(x.shape[0], -1)
+        x = self.prelu4(self.dense4(x))
+        return self.dense5_2(x), torch.softmax(self.dense5_1(x), dim=1)
+
+
+class ONet(nn.Module):
+    """Output net on 48x48 crops. Returns ``(reg [N,4], landmarks [N,10], prob [N,2])``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, kernel_size=3)
+        self.prelu1 = nn.PReLU(32)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=3)
+        self.prelu2 = nn.PReLU(64)
+        self.conv3 = nn.Conv2d(64, 64, kernel_size=3)
+        self.prelu3 = nn.PReLU(64)
+        self.conv4 = nn.Conv2d(64, 128, kernel_size=2)
+        self.prelu4 = nn.PReLU(128)
+        self.dense5 = nn.Linear(1152, 256)
+        self.prelu5 = nn.PReLU(256)
+        self.dense6_1 = nn.Linear(256, 2)
+        self.dense6_2 = nn.Linear(256, 4)
+        self.dense6_3 = nn.Linear(256, 10)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = self.prelu1(self.conv1(x))
+        x = F.max_pool2d(x, 3, 2, ceil_mode=True)
+        x = self.prelu2(self.conv2(x))
+        x = F.max_pool2d(x, 3, 2, ceil_mode=True)
+        x = self.prelu3(self.conv3(x))
+        x = F.max_pool2d(x, 2, 2, ceil_mode=True)
+        x = self.prelu4(self.conv4(x))
+        x = x.permute(0, 3, 2, 1).reshape(x.shape[0], -1)
+        x = self.prelu5(self.dense5(x))
+        return self.dense6_2(x), self.dense6_3(x), torch.softmax(self.dense6_1(x), dim=1)
+
+
+# ---------------------------------------------------------------------------------------- NMS
+def _overlap(a: Tensor, b: Tensor, mode: str, offset: float) -> Tensor:
+    """Pairwise overlap of ``a [..., M, 4]`` and ``b [..., K, 4]`` -> ``[..., M, K]``."""
+    area_a = (a[..., 2] - a[..., 0] + offset) * (a[..., 3] - a[..., 1] + offset)
+    area_b = (b[..., 2] - b[..., 0] + offset) * (b[..., 3] - b[..., 1] + offset)
+    lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
+    rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
+    wh = (rb - lt + offset).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    if mode == "union":
+        denom = area_a[..., :, None] + area_b[..., None, :] - inter
+    elif mode == "min":
+        denom = torch.minimum(area_a[..., :, None], area_b[..., None, :])
+    else:
+        raise ValueError(f"mode must be 'union' or 'min', got {mode!r}")
+    return inter / denom
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, *,
+                mode: str = "union", offset: float = 0.0) -> Tensor:
+    """Greedy NMS done independently for each value of ``idxs`` (e.g. a frame index).
+
+    Same contract as ``torchvision.ops.batched_nms``: returns the indices of the kept boxes in
+    decreasing score order; a box is dropped when its overlap with a kept, higher-scoring box of
+    the same group is ``> iou_threshold``. ``mode="min"`` divides the intersection by the smaller
+    area instead of the union; ``offset=1`` uses the inclusive-pixel convention ``x2 - x1 + 1``.
+
+    Vectorised over groups: boxes are sorted by (group, score) and padded to ``[G, M, 4]``, so
+    each group's ``M x M`` overlap matrix is computed in one shot and groups never see each
+    other (no coordinate offsets, hence no float precision issue). Groups are processed largest
+    first in chunks of similar size to bound memory and padding. See ``_greedy`` for the
+    exact greedy pass.
+    """
+    n = boxes.shape[0]
+    device = boxes.device
+    if n == 0:
+        return torch.empty(0, dtype=torch.long, device=device)
+    boxes = boxes.float()
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[torch.argsort(idxs[order], stable=True)]
+    _, gid, counts = torch.unique_consecutive(idxs[order], return_inverse=True,
+                                              return_counts=True)
+    # Re-sort groups by decreasing size (stable, so scores stay sorted within each group).
+    by_size = torch.argsort(counts, descending=True, stable=True)
+    pos = torch.empty_like(by_size)
+    pos[by_size] = torch.arange(by_size.numel(), device=device)
+    gpos = pos[gid]
+    resort = torch.argsort(gpos, stable=True)
+    order, gpos = order[resort], gpos[resort]
+    counts_sorted = counts[by_size]
+    starts = torch.cumsum(counts_sorted, 0) - counts_sorted
+    rank = torch.arange(n, device=device) - starts[gpos]
+    sizes = counts_sorted.tolist()  # host sync: chunking needs the sizes
+    first = [0]
+    for c in sizes:
+        first.append(first[-1] + c)
+
+    keep = torch.zeros(n, dtype=torch.bool, device=device)
+    g0 = 0
+    while g0 < len(sizes):
+        m = sizes[g0]
+        g1 = min(len(sizes), g0 + max(1, _NMS_BLOCK_ELEMS // (m * m)))
+        a, b = first[g0], first[g1]
+        lg, lr = gpos[a:b] - g0, rank[a:b]
+        padded = boxes.new_zeros(g1 - g0, m, 4)
+        padded[lg, lr] = boxes[order[a:b]]
+        valid = torch.zeros(g1 - g0, m, dtype=torch.bool, device=device)
+        valid[lg, lr] = True
+        sup = (_overlap(padded, padded, mode, offset) > iou_threshold)
+        sup &= valid[:, :, None] & valid[:, None, :]
+        keep[a:b] = _greedy(sup, valid)[lg, lr]
+        g0 = g1
+    kept = order[keep]
+    return kept[torch.argsort(scores[kept], descending=True, stable=True)]
+
+
+def _greedy(sup: Tensor, valid: Tensor, block: int = 128) -> Tensor:
+    """Exact greedy NMS for score-sorted groups: ``sup [G, M, M]`` (i overlaps j too much),
+    ``valid [G, M]`` -> keep ``[G, M]``.
+
+    Greedy NMS is the unique solution of ``keep[j] = valid[j] and not any(keep[i] and
+    sup[i, j] for i < j)``. The boxes are taken in blocks of ``block`` (in score order): boxes
+    suppressed by the final kept boxes of earlier blocks are removed with one reduction, then
+    the block's own recurrence is solved by iterating it from "all kept" until it stops
+    changing (after t rounds the block's first t entries are final, so at most ``block``
+    rounds; in practice a few). Only the lower-triangular ``i < j`` part of ``sup`` is used.
+    """
+    g, m, _ = sup.shape
+    keep = torch.zeros_like(valid)
+    tri = torch.ones(min(block, m), min(block, m), dtype=torch.bool, device=sup.device).triu(1)
+    for s in range(0, m, block):
+        e = min(m, s + block)
+        cand = valid[:, s:e]
+        if s:
+            cand = cand & ~(sup[:, :s, s:e] & keep[:, :s, None]).any(dim=1)
+        inner = sup[:, s:e, s:e] & tri[: e - s, : e - s] & cand[:, :, None]
+        k = cand
+        for _ in range(e - s):
+            new = cand & ~(inner & k[:, :, None]).any(dim=1)
+            if torch.equal(new, k):
+                break
+            k = new
+        keep[:, s:e] = k
+    return keep
+
+
+# ------------------------------------------------------------------------------ box helpers
+def _rerec(b: Tensor) -> Tensor:
+    """Square boxes ``[N, >=4]`` around their centres (side = longer side)."""
+    b = b.clone()
+    h = b[:, 3] - b[:, 1]
+    w = b[:, 2] - b[:, 0]
+    side = torch.maximum(w, h)
+    b[:, 0] = b[:, 0] + w * 0.5 - side * 0.5
+    b[:, 1] = b[:, 1] + h * 0.5 - side * 0.5
+    b[:, 2] = b[:, 0] + side
+    b[:, 3] = b[:, 1] + side
+    return b
+
+
+def _bbreg(b: Tensor, reg: Tensor) -> Tensor:
+    """Apply R/ONet box regression (inclusive-pixel widths, as in MTCNN)."""
+    b = b.clone()
+    w = b[:, 2] - b[:, 0] + 1
+    h = b[:, 3] - b[:, 1] + 1
+    b[:, :4] = b[:, :4] + reg * torch.stack([w, h, w, h], dim=1)
+    return b
+
+
+def _crop_bounds(b: Tensor, w: int, h: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """facenet-pytorch ``pad``: truncated, clamped 0-based crop ``[y0, y1) x [x0, x1)``."""
+    t = b[:, :4].trunc().long()
+    x0 = t[:, 0].clamp(min=1) - 1
+    y0 = t[:, 1].clamp(min=1) - 1
+    x1 = t[:, 2].clamp(max=w)
+    y1 = t[:, 3].clamp(max=h)
+    return y0, y1, x0, x1
+
+
+def _area_bins(start: Tensor, stop: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """adaptive_avg_pool bin edges of ``[start, stop)`` split into ``size`` -> two ``[N, size]``."""
+    length = (stop - start)[:, None]
+    i = torch.arange(size, device=start.device)
+    lo = torch.div(i * length, size, rounding_mode="floor")
+    hi = torch.div((i + 1) * length + size - 1, size, rounding_mode="floor")
+    return start[:, None] + lo, start[:, None] + hi
+
+
+class _Integral:
+    """Summed-area table of a uint8 ``[B, H, W, 3]`` batch, built on first use."""
+
+    def __init__(self, frames: Tensor) -> None:
+        self.frames = frames
+        self._table: Tensor | None = None
+
+    @property
+    def table(self) -> Tensor:
+        if self._table is None:
+            b, h, w, c = self.frames.shape
+            dtype = torch.int32 if 255 * h * w < 2**31 else torch.int64
+            t = self.frames.cumsum(1, dtype=dtype).cumsum(2, dtype=dtype)
+            self._table = F.pad(t, (0, 0, 1, 0, 1, 0))  # [B, H+1, W+1, 3], zero row/col first
+        return self._table
+
+    def crops(self, frame_idx: Tensor, y0: Tensor, y1: Tensor, x0: Tensor, x1: Tensor,
+              size: int) -> Tensor:
+        """Area-resample the crops ``[y0,y1) x [x0,x1)`` of the given frames -> ``[N,3,s,s]``.
+
+        Equal to ``interpolate(frame[:, y0:y1, x0:x1], (size, size), mode="area")`` per crop.
+        """
+        t = self.table
+        ys, ye = _area_bins(y0, y1, size)
+        xs, xe = _area_bins(x0, x1, size)
+        f = frame_idx[:, None, None]
+        ys, ye = ys[:, :, None], ye[:, :, None]
+        xs, xe = xs[:, None, :], xe[:, None, :]
+        total = t[f, ye, xe] - t[f, ys, xe] - t[f, ye, xs] + t[f, ys, xs]  # [N, s, s, 3]
+        area = ((ye - ys) * (xe - xs)).to(torch.float32)
+        return (total.to(torch.float32) / area[..., None]).permute(0, 3, 1, 2)
+
+
+def _normalise(x: Tensor) -> Tensor:
+    return (x - 127.5) * 0.0078125
+
+
+# ---------------------------------------------------------------------------------- detector
+class _Pyramid:
+    """Per frame shape: the scales, the resized sizes and PNet's flattened-position tables."""
+
+    def __init__(self, h: int, w: int, min_face_size: int, factor: float) -> None:
+        m = 12.0 / min_face_size
+        minl = min(h, w) * m
+        self.scales: list[float] = []
+        s = m
+        while minl >= 12:
+            self.scales.append(s)
+            s *= factor
+            minl *= factor
+        self.sizes = [(int(h * s + 1), int(w * s + 1)) for s in self.scales]
+        self.tables: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+    def position_tables(self, out_sizes: Sequence[tuple[int, int]], device: torch.device
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """For every PNet output position of every scale (concatenated): x, y, scale, scale index."""
+        if device not in self.tables:
+            xs, ys, sc, si = [], [], [], []
+            for k, ((oh, ow), s) in enumerate(zip(out_sizes, self.scales)):
+                yy, xx = torch.meshgrid(torch.arange(oh), torch.arange(ow), indexing="ij")
+                xs.append(xx.reshape(-1))
+                ys.append(yy.reshape(-1))
+                sc.append(torch.full((oh * ow,), s, dtype=torch.float32))
+                si.append(torch.full((oh * ow,), k, dtype=torch.long))
+            self.tables[device] = (torch.cat(xs).float().to(device), torch.cat(ys).float().to(device),
+                                   torch.cat(sc).to(device), torch.cat(si).to(device))
+        return self.tables[device]
+
+
+class FaceDetector:
+    """Batched MTCNN face detector (facenet-pytorch's algorithm and weights, own torch code)."""
+
+    def __init__(self, device: torch.device | str | None = None, *, min_face_size: int = 40,
+                 thresholds: Sequence[float] = (0.6, 0.7, 0.7), factor: float = 0.709,
+                 max_faces: int = 32) -> None:
+        if device is None:
+            from models.device import default_device
+            device = default_device()
+        if min_face_size < 12:
+            raise ValueError("min_face_size must be >= 12 (PNet's window)")
+        if not 0.0 < factor < 1.0:
+            raise ValueError("factor must be in (0, 1)")
+        if len(thresholds) != 3:
+            raise ValueError("thresholds must have three values (PNet, RNet, ONet)")
+        self.device = torch.device(device)
+        self.min_face_size = int(min_face_size)
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.factor = float(factor)
+        self.max_faces = int(max_faces)
+        self.pnet, self.rnet, self.onet = PNet(), RNet(), ONet()
+        for net, name in ((self.pnet, "pnet"), (self.rnet, "rnet"), (self.onet, "onet")):
+            net.load_state_dict(_load_state(name))
+            net.to(device=self.device, dtype=torch.float32).eval().requires_grad_(False)
+        self._pyramids: dict[tuple[int, int], _Pyramid] = {}
+
+    def _pyramid(self, h: int, w: int) -> _Pyramid:
+        key = (h, w)
+        if key not in self._pyramids:
+            self._pyramids[key] = _Pyramid(h, w, self.min_face_size, self.factor)
+        return self._pyramids[key]
+
+    @torch.inference_mode()
+    def detect(self, frames: Tensor) -> list[Tensor]:
+        """Faces in each frame of ``frames`` (uint8 ``[B, H, W, 3]`` RGB).
+
+        Returns one float32 tensor ``[N_i, 5]`` (x1, y1, x2, y2, score) per frame, sorted by
+        decreasing score, at most ``max_faces`` rows, on the frames' device.
+        """
+        if frames.dim() != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be [B, H, W, 3], got {tuple(frames.shape)}")
+        if frames.dtype != torch.uint8:
+            raise TypeError(f"frames must be uint8, got {frames.dtype}")
+        out_device = frames.device
+        frames = frames.to(self.device)
+        b, h, w, _ = frames.shape
+        boxes, fidx = self._detect(frames)
+        return [r.to(out_device) for r in self._split(boxes, fidx, b)]
+
+    # -- stages ---------------------------------------------------------------------------
+    def _detect(self, frames: Tensor) -> tuple[Tensor, Tensor]:
+        b, h, w, _ = frames.shape
+        dev = self.device
+        empty = (torch.zeros(0, 5, device=dev), torch.zeros(0, dtype=torch.long, device=dev))
+        pyr = self._pyramid(h, w)
+        if b == 0 or not pyr.scales:
+            return empty
+        t1, t2, t3 = self.thresholds
+
+        # Stage 1: PNet over the pyramid, all frames per scale.
+        imgs = frames.permute(0, 3, 1, 2).float()
+        regs, probs, out_sizes = [], [], []
+        for size in pyr.sizes:
+            reg, prob = self.pnet(_normalise(F.interpolate(imgs, size=size, mode="area")))
+            out_sizes.append(tuple(prob.shape[2:]))
+            probs.append(prob[:, 1].reshape(b, -1))
+            regs.append(reg.reshape(b, 4, -1))
+        del imgs
+        px, py, pscale, pscale_i = pyr.position_tables(out_sizes, dev)
+        prob = torch.cat(probs, dim=1)  # [B, P]
+        reg = torch.cat(regs, dim=2)  # [B, 4, P]
+        fi, pi = (prob >= t1).nonzero(as_tuple=True)
+        if fi.numel() == 0:
+            return empty
+        score = prob[fi, pi]
+        s = pscale[pi]
+        q1x = torch.floor((2 * px[pi] + 1) / s)
+        q1y = torch.floor((2 * py[pi] + 1) / s)
+        q2x = torch.floor((2 * px[pi] + 12) / s)
+        q2y = torch.floor((2 * py[pi] + 12) / s)
+        bx = torch.stack([q1x, q1y, q2x, q2y], dim=1)
+        r = reg[fi, :, pi]  # [N, 4]
+        # NMS within each (frame, scale), then within each frame across scales.
+        keep = batched_nms(bx, score, fi * len(pyr.scales) + pscale_i[pi], 0.5)
+        bx, score, r, fi = bx[keep], score[keep], r[keep], fi[keep]
+        keep = batched_nms(bx, score, fi, 0.7)
+        bx, score, r, fi = bx[keep], score[keep], r[keep], fi[keep]
+        rw = bx[:, 2] - bx[:, 0]
+        rh = bx[:, 3] - bx[:, 1]
+        bx = bx + r * torch.stack([rw, rh, rw, rh], dim=1)
+        boxes = _rerec(torch.cat([bx, score[:, None]], dim=1))
+
+        integral = _Integral(frames)
+
+        # Stage 2: RNet on 24x24 crops of every candidate of every frame.
+        boxes, fi, out = self._refine(integral, boxes, fi, 24, self.rnet, w, h)
+        if fi.numel() == 0:
+            return empty
+        reg, prob = out
+        ok = prob[:, 1] > t2
+        boxes = torch.cat([boxes[ok, :4], prob[ok, 1:2]], dim=1)
+        fi, reg = fi[ok], reg[ok]
+        keep = batched_nms(boxes[:, :4], boxes[:, 4], fi, 0.7)
+        boxes = _rerec(_bbreg(boxes[keep], reg[keep]))
+        fi = fi[keep]
+
+        # Stage 3: ONet on 48x48 crops.
+        boxes, fi, out = self._refine(integral, boxes, fi, 48, self.onet, w, h)
+        if fi.numel() == 0:
+            return empty
+        reg, _landmarks, prob = out
+        ok = prob[:, 1] > t3
+        boxes = torch.cat([boxes[ok, :4], prob[ok, 1:2]], dim=1)
+        fi, reg = fi[ok], reg[ok]
+        boxes = _bbreg(boxes, reg)
+        keep = batched_nms(boxes[:, :4], boxes[:, 4], fi, 0.7, mode="min", offset=1.0)
+        return boxes[keep], fi[keep]
+
+    def _refine(self, integral: _Integral, boxes: Tensor, fi: Tensor, size: int, net: nn.Module,
+                w: int, h: int) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        """Crop all boxes (all frames) at ``size`` and run ``net`` on them in one batch."""
+        y0, y1, x0, x1 = _crop_bounds(boxes, w, h)
+        ok = (y1 > y0) & (x1 > x0)
+        if not bool(ok.all()):
+            boxes, fi, y0, y1, x0, x1 = boxes[ok], fi[ok], y0[ok], y1[ok], x0[ok], x1[ok]
+        if fi.numel() == 0:
+            return boxes, fi, ()
+        outs = []
+        for c in range(0, fi.numel(), _NET_CHUNK):
+            sl = slice(c, c + _NET_CHUNK)
+            crops = integral.crops(fi[sl], y0[sl], y1[sl], x0[sl], x1[sl], size)
+            outs.append(net(_normalise(crops)))
+        return boxes, fi, tuple(torch.cat(parts, dim=0) for parts in zip(*outs))
+
+    def _split(self, boxes: Tensor, fi: Tensor, b: int) -> list[Tensor]:
+        """Per-frame lists, each score-sorted and capped at ``max_faces``."""
+        if fi.numel() == 0:
+            return [boxes.new_zeros(0, 5) for _ in range(b)]
+        order = torch.argsort(boxes[:, 4], descending=True, stable=True)
+        order = order[torch.argsort(fi[order], stable=True)]
+        boxes, fi = boxes[order], fi[order]
+        counts = torch.bincount(fi, minlength=b)
+        rank = torch.arange(fi.numel(), device=fi.device) - (torch.cumsum(counts, 0) - counts)[fi]
+        keep = rank < self.max_faces
+        boxes = boxes[keep]
+        counts = counts.clamp(max=self.max_faces)
+        return list(torch.split(boxes, counts.tolist()))
+
+
+# ------------------------------------------------------------------------------------ drawing
+def draw_boxes(frames: Tensor, boxes: Sequence[Tensor], color: Sequence[int] = (0, 255, 0),
+               thickness: int = 3) -> Tensor:
+    """A copy of ``frames`` (uint8 ``[B, H, W, 3]``) with box outlines drawn.
+
+    ``boxes[i]`` is ``[N_i, >=4]`` (x1, y1, x2, y2, ...) for frame ``i``. Corners are rounded to
+    pixels and clamped to the frame; the outline is ``thickness`` pixels drawn inward from the
+    box edges (both corners inclusive). Boxes entirely outside the frame are skipped. Done with
+    slice assignments on the frames' device (one host read of all box coordinates).
+    """
+    if frames.dim() != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be [B, H, W, 3], got {tuple(frames.shape)}")
+    if len(boxes) != frames.shape[0]:
+        raise ValueError(f"got {len(boxes)} box lists for {frames.shape[0]} frames")
+    out = frames.clone()
+    _, h, w, _ = frames.shape
+    t = max(1, int(thickness))
+    col = torch.tensor(list(color), dtype=frames.dtype, device=frames.device)
+    counts = [int(bx.shape[0]) for bx in boxes]
+    if sum(counts) == 0:
+        return out
+    coords = torch.cat([bx[:, :4].detach().float().to(frames.device) for bx in boxes if bx.shape[0]])
+    coords = coords.round().cpu().tolist()
+    frame_of = [i for i, c in enumerate(counts) for _ in range(c)]
+    for i, (x1, y1, x2, y2) in zip(frame_of, coords):
+        x1, x2 = (x1, x2) if x1 <= x2 else (x2, x1)
+        y1, y2 = (y1, y2) if y1 <= y2 else (y2, y1)
+        if not all(map(math.isfinite, (x1, y1, x2, y2))):
+            continue
+        if x2 < 0 or y2 < 0 or x1 > w - 1 or y1 > h - 1:
+            continue
+        xa, xb = max(int(x1), 0), min(int(x2), w - 1) + 1  # half-open column range
+        ya, yb = max(int(y1), 0), min(int(y2), h - 1) + 1
+        img = out[i]
+        img[ya:min(ya + t, yb), xa:xb] = col
+        img[max(yb - t, ya):yb, xa:xb] = col
+        img[ya:yb, xa:min(xa + t, xb)] = col
+        img[ya:yb, max(xb - t, xa):xb] = col
+    return out
