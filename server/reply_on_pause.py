@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from silero_vad.utils_vad import get_speech_timestamps_from_probs
+import torch
+
+# Importing silero_vad sets torch to one thread for the whole process (its model.py calls
+# torch.set_num_threads(1)); we only want its segment logic, so put the setting back.
+_threads = torch.get_num_threads()
+from silero_vad.utils_vad import get_speech_timestamps_from_probs  # noqa: E402
+
+torch.set_num_threads(_threads)
 
 from .handlers import AsyncStreamHandler, EmitType
 from .utils import WebRTCError, create_message, to_mono

@@ -95,6 +95,9 @@ class Stream(FastAPI):
             handler.default_args = list(self.default_args)
         self.rtc_router = self._build_router()
         self.include_router(self.rtc_router)
+        from .ui import attach_ui
+
+        attach_ui(self)
 
     # -- routes ------------------------------------------------------------------------------
     def _build_router(self) -> APIRouter:
@@ -112,6 +115,12 @@ class Stream(FastAPI):
         router.add_api_route("/webrtc/offer", offer_endpoint(self), methods=["POST"])
         router.add_api_websocket_route("/websocket/offer", websocket_offer)
         router.add_api_websocket_route("/telephone/handler", telephone_handler)
+        # Each module adds its own routes (kept out of this file so each can be read alone).
+        from . import docs, metrics, telephone
+
+        telephone.add_routes(router, self)
+        docs.add_routes(router, self)
+        metrics.add_routes(router, self)
         return router
 
     def mount(self, app: FastAPI, path: str = "") -> None:

@@ -44,7 +44,11 @@ class WebSocketChannel(DataChannel):
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.queue: asyncio.Queue[str | None] = asyncio.Queue(SEND_QUEUE_SIZE)
+        self.queue: asyncio.Queue[str | _Media | None] = asyncio.Queue(SEND_QUEUE_SIZE)
+        # Fix (phone interruption): bumped by `_clear`; reply media queued or held under an
+        # older generation is dropped, and the emit loop restarts its playout clock.
+        self.generation = 0
+        self.cleared = asyncio.Event()
 
     def send(self, message: str) -> None:  # any thread
         if self.loop.is_closed():
@@ -65,11 +69,25 @@ class WebSocketChannel(DataChannel):
         self.queue.put_nowait(message)
 
 
+class _Media:
+    """Reply audio in the send queue, tagged with the clear generation it belongs to."""
+
+    __slots__ = ("generation", "text")
+
+    def __init__(self, generation: int, text: str) -> None:
+        self.generation = generation
+        self.text = text
+
+
 async def _writer(ws: WebSocket, channel: WebSocketChannel) -> None:
     while True:
         msg = await channel.queue.get()
         if msg is None:
             return
+        if isinstance(msg, _Media):
+            if msg.generation != channel.generation:
+                continue  # audio of an interrupted reply: never send it after the clear
+            msg = msg.text
         await ws.send_text(msg)
 
 
@@ -172,8 +190,10 @@ async def handle_websocket(stream: Stream, ws: WebSocket, *, phone_mode: bool = 
                 break
             elif event == "ping":
                 channel.send(json.dumps({"event": "pong"}))
-            elif event == "mark" or event == "connected":
-                continue  # Twilio bookkeeping
+            elif event in ("mark", "connected", "dtmf"):
+                # Twilio bookkeeping. Fix: `dtmf` (a caller's key press, sent by Twilio
+                # unasked) was answered with an "unknown event" error.
+                continue
             else:
                 channel.send(create_message("error", f"unknown event {str(event)[:40]!r}"))
             if session is not None and session.closed.is_set():
@@ -233,8 +253,28 @@ def _start_session(
 
 
 def _clear(channel: WebSocketChannel, phone_mode: bool, sid: str) -> None:
-    if phone_mode:  # Twilio stops playing what it has buffered
-        channel.send(json.dumps({"event": "clear", "streamSid": sid}))
+    """The handler's `clear_queue()` (a reply was interrupted); callable from any thread.
+
+    Fix: this used to only send Twilio's `clear`, while the emit loop still sent the reply
+    chunk it held (after the `clear`, so the caller heard it) and kept the old reply's
+    playout clock, delaying the new reply by what was left of the old one."""
+
+    def run() -> None:
+        channel.generation += 1
+        channel.cleared.set()
+        if phone_mode:  # Twilio stops playing what it has buffered
+            channel.send(json.dumps({"event": "clear", "streamSid": sid}))
+
+    if channel.loop.is_closed():
+        return
+    try:
+        same = asyncio.get_running_loop() is channel.loop
+    except RuntimeError:
+        same = False
+    if same:
+        run()
+    else:
+        channel.loop.call_soon_threadsafe(run)
 
 
 async def _emit_loop(session: Session, channel: WebSocketChannel, phone_mode: bool) -> None:
@@ -242,8 +282,14 @@ async def _emit_loop(session: Session, channel: WebSocketChannel, phone_mode: bo
     target_rate = 8000 if phone_mode else getattr(handler, "output_sample_rate", 24000)
     out = AudioOut(target_rate)
     play_end = time.monotonic()
+    seen = channel.generation
     while not session.closed.is_set():
         item = await session.next_output()
+        generation = channel.generation
+        if generation != seen:  # a reply was interrupted: the client dropped its audio
+            seen = generation
+            channel.cleared.clear()
+            play_end = time.monotonic()
         frame, extra = split_output(item)
         if isinstance(extra, AdditionalOutputs):
             session.push_outputs(extra)
@@ -254,7 +300,12 @@ async def _emit_loop(session: Session, channel: WebSocketChannel, phone_mode: bo
                 play_end = max(play_end, now)
                 wait = play_end - PLAYOUT_LEAD_S - now
                 if wait > 0:
-                    await asyncio.sleep(wait)
+                    try:  # an interruption ends the wait: this chunk is then stale
+                        await asyncio.wait_for(channel.cleared.wait(), wait)
+                    except asyncio.TimeoutError:
+                        pass
+                if channel.generation != generation:
+                    continue  # interrupted while we held it: drop, never send after `clear`
                 payload: dict[str, Any] = {
                     "event": "media",
                     "media": {"payload": base64.b64encode(ulaw_encode(pcm)).decode("ascii")},
@@ -262,7 +313,7 @@ async def _emit_loop(session: Session, channel: WebSocketChannel, phone_mode: bo
                 if phone_mode:
                     payload["streamSid"] = session.webrtc_id
                 # Awaiting the bounded queue slows the handler to the client's pace.
-                await channel.queue.put(json.dumps(payload))
+                await channel.queue.put(_Media(generation, json.dumps(payload)))
                 play_end += pcm.size / target_rate
         if isinstance(extra, CloseStream):
             await asyncio.sleep(max(0.0, play_end - time.monotonic()))

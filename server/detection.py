@@ -1,0 +1,57 @@
+"""The face-detection video handler: every session's frames through one batched MTCNN."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import torch
+
+from models.detector import FaceDetector, draw_boxes
+
+from .utils import AdditionalOutputs
+from .video import BatchedHandler, batched
+
+_detector: FaceDetector | None = None
+_lock = threading.Lock()
+
+
+def detector() -> FaceDetector:
+    """One detector per process (its weights live once on the device)."""
+    global _detector
+    with _lock:
+        if _detector is None:
+            _detector = FaceDetector()
+        return _detector
+
+
+def _detect(frames: torch.Tensor, args: list[tuple[Any, ...]]) -> list[Any]:
+    boxes = detector().detect(frames.to(detector().device))
+    kept = []
+    for b, a in zip(boxes, args):
+        conf = float(a[0]) if a and a[0] is not None else 0.9
+        kept.append(b[b[:, 4] >= conf])
+    drawn = draw_boxes(frames, kept).cpu().numpy()  # one transfer back for the whole batch
+    outs = []
+    for i, b in enumerate(kept):
+        dets = [
+            {"box": [round(float(v), 1) for v in row[:4]], "score": round(float(row[4]), 4)}
+            for row in b.cpu()
+        ]
+        outs.append((drawn[i], AdditionalOutputs(dets)))
+    return outs
+
+
+def face_detection_handler(
+    max_batch_size: int | None = None, max_queue_delay_ms: float | None = None
+) -> BatchedHandler:
+    """A batched handler: `(frames [B,H,W,3] RGB, per-frame (confidence,)) -> frames with
+    boxes drawn + AdditionalOutputs(list of {box, score})`."""
+    return batched(
+        _detect,
+        max_batch_size=max_batch_size or int(os.environ.get("BATCHRTC_VIDEO_MAX_BATCH", "64")),
+        max_queue_delay_ms=max_queue_delay_ms or float(os.environ.get("BATCHRTC_VIDEO_MAX_DELAY_MS", "8")),
+        deadline_ms=100.0,
+        device=detector().device,
+    )

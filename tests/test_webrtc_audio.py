@@ -1,0 +1,45 @@
+"""ReplyOnPause over WebRTC: real aiortc peers, Opus audio, real speech."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+
+from server import ReplyOnPause, Stream
+from tests.test_websocket_reply import echo, speech_48k
+from tests.webrtc_client import AudioSource, connect
+
+SPANS = json.loads(open("tests/fixtures/speech_spans.json").read())
+
+
+async def test_reply_on_pause_over_webrtc(serve):
+    stream = Stream(ReplyOnPause(echo), modality="audio", mode="send-receive", concurrency_limit=2)
+    server = serve(stream)
+    name = "speech_pause_speech_16k.wav"
+    pcm = speech_48k(name, tail_s=2.0)
+    client, answer = await connect(server.http, "a1", audio=AudioSource(pcm), recv_audio=True)
+    try:
+        assert answer["type"] == "answer", answer
+        await asyncio.sleep(pcm.size / 48000 + 1.5)
+        logs = [m.get("data") for m in client.messages if m.get("type") == "log"]
+        assert logs.count("pause_detected") == 2, logs
+        assert logs.count("started_talking") == 2, logs
+        # Loud audio came back (the echo), not only silence frames.
+        t0 = client.audio[0][0]
+        loud = [t - t0 for t, a in client.audio if np.abs(a.astype(np.int32)).mean() > 300]
+        assert loud, "no reply audio"
+        first_reply = loud[0]
+        s0, s1 = SPANS[name][0]
+        assert first_reply > s1, (first_reply, s1)  # only after the pause
+        total = sum(1 for t, a in client.audio if np.abs(a.astype(np.int32)).mean() > 300) * 0.02
+        speech = sum(e - s for s, e in SPANS[name])
+        assert total > 0.6 * speech, (total, speech)
+    finally:
+        await client.close()
+    for _ in range(100):
+        if stream.active_sessions == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert stream.active_sessions == 0
