@@ -1,9 +1,653 @@
-"""The Gradio `/ui` (being written)."""
+"""The Gradio `/ui`: an auto-generated page for any `Stream`.
+
+`attach_ui(stream)` mounts a tiny ASGI app at `/ui`. Nothing Gradio is imported or built
+until the first request under `/ui`: then the Blocks are built (in a worker thread, so live
+connections on the event loop keep flowing), mounted with `gr.mount_gradio_app`, and
+Gradio's own lifespan (its queue) is started; every later request goes straight to the
+Gradio app, exactly as if it had been mounted eagerly.
+
+The page's media never goes through Gradio: a small WebRTC client (JavaScript inside a
+`gr.HTML` panel) posts its offer to the stream's own `POST /webrtc/offer`, like any other
+client, creating the "text" data channel first. Python only sees the connection's
+`webrtc_id` (kept in a hidden textbox): additional inputs are pushed with
+`stream.set_input(webrtc_id, *values)` on every change (and once at connect, and whenever
+the server asks with `send_input`); additional outputs come from
+`stream.output_stream(webrtc_id)` through `additional_outputs_handler(*previous, *new)`,
+FastRTC's merge semantics, in a Gradio generator event started at connect.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import contextlib
+import html
+import inspect
+import json
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .stream import Stream
+
+logger = logging.getLogger(__name__)
+
+UI_PATH = "/ui"
+OUTPUT_MIN_INTERVAL_S = 0.1  # additional outputs reach the page at most ~10 times a second
 
 
-def attach_ui(stream: Any) -> None:
-    """Mount the stream's Gradio interface at `/ui`."""
+def attach_ui(stream: Stream) -> None:
+    """Mount the stream's Gradio interface at `/ui` (built lazily, on the first request)."""
+    ui = LazyGradioUI(stream)
+    stream.ui_app = ui  # type: ignore[attr-defined]
+    # `Stream.mount` is FastRTC's (app, path) signature: mount through the router instead.
+    stream.router.mount(UI_PATH, app=ui, name="ui")
+    old_lifespan = stream.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        async with old_lifespan(app) as state:
+            try:
+                yield state
+            finally:
+                await ui.aclose()
+
+    stream.router.lifespan_context = lifespan
+
+
+class LazyGradioUI:
+    """ASGI app at `/ui`: builds the Gradio app on first use, then delegates to it."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.blocks: Any = None
+        self.gradio_app: Any = None
+        self.build_seconds: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock: asyncio.Lock | None = None
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._build_lock = threading.Lock()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return
+        app = await self._ensure_started()
+        await app(scope, receive, send)
+
+    async def _ensure_started(self) -> Any:
+        loop = asyncio.get_running_loop()
+        if self.gradio_app is not None and self._loop is loop:
+            return self.gradio_app
+        if self._lock_loop is not loop:  # no await above: no other request interleaves here
+            self._lock, self._lock_loop = asyncio.Lock(), loop
+        assert self._lock is not None
+        async with self._lock:
+            if self.gradio_app is not None and self._loop is loop:
+                return self.gradio_app
+            # First request, or the stream is served again on a new event loop: (re)build.
+            self._stack = None  # a stack from a dead loop cannot be exited: drop it
+            t0 = time.perf_counter()
+            holder = await loop.run_in_executor(None, self._build, loop)
+            stack = contextlib.AsyncExitStack()
+            # Gradio's lifespan: starts its queue on this loop (what mount_gradio_app's
+            # wrapped lifespan does at startup; the stream's own startup ran long ago).
+            await stack.enter_async_context(holder.router.lifespan_context(holder))
+            self._stack = stack
+            self._loop = loop
+            self.build_seconds = time.perf_counter() - t0
+            logger.info("built the Gradio /ui in %.2f s", self.build_seconds)
+            return self.gradio_app
+
+    def _build(self, loop: asyncio.AbstractEventLoop) -> Any:
+        with self._build_lock:
+            import gradio as gr
+            from fastapi import FastAPI
+            from starlette.routing import Mount
+
+            blocks = build_blocks(self.stream, loop)
+            holder = FastAPI()
+            # Gradio checks its parent's middleware for a CORS policy: show it the stream's.
+            holder.user_middleware = self.stream.user_middleware
+            gr.mount_gradio_app(
+                holder,
+                blocks,
+                path=UI_PATH,
+                ssr_mode=False,
+                mcp_server=False,
+                run_history=False,
+                footer_links=["gradio", "settings"],
+                theme=gr.themes.Default(),
+            )
+            mounted = [r for r in holder.routes if isinstance(r, Mount) and r.path == UI_PATH]
+            self.gradio_app = mounted[-1].app
+            self.blocks = blocks
+            return holder
+
+    async def aclose(self) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None and self._loop is asyncio.get_running_loop():
+            try:
+                await stack.aclose()
+            except Exception:  # shutting down anyway
+                logger.debug("closing the Gradio /ui failed", exc_info=True)
+
+
+# -- the page ------------------------------------------------------------------------------
+
+DEFAULT_TITLES = {
+    "video": "Video stream",
+    "audio": "Audio stream",
+    "audio-video": "Audio and video stream",
+}
+
+
+def _client_config(stream: Stream) -> dict[str, Any]:
+    rtc = stream.rtc_configuration
+    tc = stream.track_constraints
+    return {
+        "modality": stream.modality,
+        "mode": stream.mode,
+        "video": stream.modality in ("video", "audio-video"),
+        "audio": stream.modality in ("audio", "audio-video"),
+        "mount_path": UI_PATH,
+        "rtc_configuration": rtc if isinstance(rtc, dict) else None,
+        "rtc_configuration_dynamic": callable(rtc),
+        "track_constraints": tc if isinstance(tc, dict) else None,
+    }
+
+
+def _safe_text(text: Any) -> str:
+    """Escaped for HTML and inert in Gradio's template engine (JS template + Handlebars)."""
+    out = html.escape(str(text))
+    for ch, ent in (("$", "&#36;"), ("{", "&#123;"), ("}", "&#125;"), ("`", "&#96;"), ("\\", "&#92;")):
+        out = out.replace(ch, ent)
+    return out
+
+
+def _panel_html(stream: Stream) -> str:
+    cfg = _client_config(stream)
+    sends = stream.mode in ("send-receive", "send")
+    receives = stream.mode in ("send-receive", "receive")
+    parts = [f'<div class="brtc" data-state="idle" data-modality="{stream.modality}" data-mode="{stream.mode}">']
+    if cfg["video"]:
+        parts.append('<div class="brtc-media">')
+        if sends:
+            parts.append(
+                '<figure class="brtc-fig"><video class="brtc-local-video" autoplay muted playsinline></video>'
+                "<figcaption>Camera</figcaption></figure>"
+            )
+        if receives:
+            caption = "Processed" if sends else "Stream"
+            parts.append(
+                '<figure class="brtc-fig"><video class="brtc-remote-video" autoplay muted playsinline></video>'
+                f"<figcaption>{caption}</figcaption></figure>"
+            )
+        parts.append("</div>")
+    if cfg["audio"]:
+        parts.append('<div class="brtc-meters">')
+        if sends:
+            parts.append(
+                '<div class="brtc-meter brtc-meter-mic"><span>Microphone</span>'
+                '<div class="brtc-bar"><div class="brtc-fill"></div></div></div>'
+            )
+        if receives:
+            parts.append(
+                '<div class="brtc-meter brtc-meter-reply"><span>Reply</span>'
+                '<div class="brtc-bar"><div class="brtc-fill"></div></div></div>'
+            )
+        parts.append("</div>")
+        if receives:
+            parts.append('<audio class="brtc-remote-audio" autoplay></audio>')
+    parts.append(
+        '<div class="brtc-controls"><button class="brtc-toggle" type="button">Start</button>'
+        '<span class="brtc-dot"></span><span class="brtc-status">Idle</span></div>'
+        '<ul class="brtc-log"></ul></div>'
+    )
+    return "".join(parts)
+
+
+PANEL_CSS = """
+.brtc { display: flex; flex-direction: column; gap: 10px; }
+.brtc-media { display: flex; gap: 10px; flex-wrap: wrap; }
+.brtc-fig { flex: 1 1 240px; margin: 0; display: flex; flex-direction: column; gap: 4px; }
+.brtc-fig video { width: 100%; aspect-ratio: 4 / 3; background: #111; border-radius: 8px; object-fit: contain; }
+.brtc-fig figcaption { font-size: 0.85em; color: var(--body-text-color-subdued); text-align: center; }
+.brtc-meters { display: flex; flex-direction: column; gap: 6px; padding: 8px 0; }
+.brtc-meter { display: flex; align-items: center; gap: 10px; }
+.brtc-meter span { width: 90px; font-size: 0.9em; color: var(--body-text-color-subdued); }
+.brtc-bar { flex: 1; height: 14px; background: var(--block-background-fill, #eee); border: 1px solid var(--border-color-primary); border-radius: 7px; overflow: hidden; }
+.brtc-fill { height: 100%; width: 0%; background: var(--color-accent, #f97316); transition: width 0.08s linear; }
+.brtc-controls { display: flex; align-items: center; gap: 10px; }
+.brtc-toggle { padding: 8px 22px; border-radius: var(--button-large-radius, 8px); border: none; cursor: pointer; font-weight: 600; background: var(--button-primary-background-fill, #f97316); color: var(--button-primary-text-color, white); }
+.brtc-toggle:disabled { opacity: 0.6; cursor: wait; }
+.brtc[data-state="connecting"] .brtc-toggle, .brtc[data-state="streaming"] .brtc-toggle { background: var(--button-secondary-background-fill, #e5e7eb); color: var(--button-secondary-text-color, #111); }
+.brtc-dot { width: 10px; height: 10px; border-radius: 50%; background: #9ca3af; }
+.brtc[data-state="connecting"] .brtc-dot { background: #f59e0b; }
+.brtc[data-state="streaming"] .brtc-dot { background: #22c55e; }
+.brtc[data-state="error"] .brtc-dot { background: #ef4444; }
+.brtc-status { font-weight: 600; }
+.brtc-log { list-style: none; margin: 0; padding: 0; font-family: var(--font-mono, monospace); font-size: 0.8em; color: var(--body-text-color-subdued); max-height: 9em; overflow: hidden; }
+.brtc-log .brtc-error { color: #ef4444; }
+.brtc-log .brtc-warning { color: #d97706; }
+"""
+
+# The WebRTC client. Runs once per page load with `element` (the panel), `trigger` (fires a
+# Gradio event on the panel with data) and `props` (our config under `props.rtc`).
+PANEL_JS = r"""
+const cfg = props.rtc || {};
+const q = (s) => element.querySelector(s);
+const root = q('.brtc'), btn = q('.brtc-toggle'), statusEl = q('.brtc-status'), logEl = q('.brtc-log');
+const localVideo = q('.brtc-local-video'), remoteVideo = q('.brtc-remote-video'), remoteAudio = q('.brtc-remote-audio');
+const micFill = q('.brtc-meter-mic .brtc-fill'), replyFill = q('.brtc-meter-reply .brtc-fill');
+const state = {status: 'Idle', webrtcId: null, logs: [], errors: [], messages: [], connectionState: 'new',
+  micLevel: 0, replyLevel: 0, maxMicLevel: 0, maxReplyLevel: 0};
+element.batchrtc = state;
+window.batchrtcUI = state;
+const LOG_TEXT = {started_talking: 'Started talking', pause_detected: 'Pause detected', response_starting: 'Responding'};
+let pc = null, dc = null, localStream = null, audioCtx = null, timer = null, meters = {};
+
+function setStatus(text, kind) {
+  state.status = text; statusEl.textContent = text;
+  if (kind) root.dataset.state = kind;
+}
+function addLog(text, cls) {
+  state.logs.push(text);
+  const li = document.createElement('li');
+  li.textContent = new Date().toLocaleTimeString() + '  ' + text;
+  if (cls) li.className = cls;
+  logEl.prepend(li);
+  while (logEl.children.length > 6) logEl.lastChild.remove();
+}
+function offerUrl() {
+  const base = (window.gradio_config && window.gradio_config.root) || window.location.href;
+  const u = new URL(base, window.location.href);
+  let p = u.pathname.replace(/\/+$/, '');
+  const mount = (cfg.mount_path || '/ui').replace(/\/+$/, '');
+  if (p.endsWith(mount)) p = p.slice(0, p.length - mount.length);
+  return u.origin + p + '/webrtc/offer';
+}
+function newId() {
+  const a = new Uint8Array(12);
+  crypto.getRandomValues(a);
+  return Array.from(a, (b) => b.toString(16).padStart(2, '0')).join('');
+}
+function constraints() {
+  const tc = cfg.track_constraints;
+  const split = tc && typeof tc === 'object' && ('video' in tc || 'audio' in tc);
+  const pick = (kind) => {
+    if (split) return tc[kind] === undefined ? defaults(kind) : tc[kind];
+    if (tc && typeof tc === 'object' && kind === (cfg.video ? 'video' : 'audio')) return tc;
+    return defaults(kind);
+  };
+  const defaults = (kind) => kind === 'audio' ? {echoCancellation: true, noiseSuppression: true, autoGainControl: true} : true;
+  return {video: cfg.video ? pick('video') : false, audio: cfg.audio ? pick('audio') : false};
+}
+function meter(stream) {
+  if (!audioCtx) return null;
+  const src = audioCtx.createMediaStreamSource(stream);
+  const an = audioCtx.createAnalyser();
+  an.fftSize = 1024;
+  src.connect(an);
+  return {src, an, buf: new Float32Array(an.fftSize)};
+}
+function level(m) {
+  if (!m) return 0;
+  m.an.getFloatTimeDomainData(m.buf);
+  let s = 0;
+  for (let i = 0; i < m.buf.length; i++) s += m.buf[i] * m.buf[i];
+  return Math.sqrt(s / m.buf.length);
+}
+function tick() {
+  state.micLevel = level(meters.mic); state.replyLevel = level(meters.reply);
+  state.maxMicLevel = Math.max(state.maxMicLevel, state.micLevel);
+  state.maxReplyLevel = Math.max(state.maxReplyLevel, state.replyLevel);
+  if (micFill) micFill.style.width = Math.min(100, state.micLevel * 400) + '%';
+  if (replyFill) replyFill.style.width = Math.min(100, state.replyLevel * 400) + '%';
+}
+function refusal(body, status) {
+  const meta = (body && body.meta) || {};
+  if (meta.error === 'concurrency_limit_reached') return 'Server busy: at most ' + meta.limit + ' connection(s)';
+  if (meta.error) return meta.error + (meta.detail ? ': ' + meta.detail : '');
+  return 'offer refused (HTTP ' + status + ')';
+}
+function gathered(conn, ms) {
+  if (conn.iceGatheringState === 'complete') return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => { conn.removeEventListener('icegatheringstatechange', check); resolve(); };
+    const check = () => { if (conn.iceGatheringState === 'complete') done(); };
+    conn.addEventListener('icegatheringstatechange', check);
+    setTimeout(done, ms);
+  });
+}
+function onMessage(raw) {
+  let m;
+  try { m = JSON.parse(raw); } catch (e) { return; }
+  state.messages.push(m);
+  if (state.messages.length > 200) state.messages.shift();
+  if (m.type === 'log') {
+    const text = LOG_TEXT[m.data];
+    if (text) { setStatus(text); addLog(text); }
+  } else if (m.type === 'error') {
+    state.errors.push(m.message); addLog('Error: ' + m.message, 'brtc-error');
+  } else if (m.type === 'warning') {
+    addLog('Warning: ' + m.message, 'brtc-warning');
+  } else if (m.type === 'send_input') {
+    if (state.webrtcId) trigger('submit', {webrtc_id: state.webrtcId});
+  } else if (m.type === 'end_stream') {
+    stop(m.data ? String(m.data) : 'Stream ended');
+  }
+}
+function onTrack(track) {
+  const s = new MediaStream([track]);
+  if (track.kind === 'video' && remoteVideo) {
+    remoteVideo.srcObject = s; remoteVideo.play().catch(() => {});
+  } else if (track.kind === 'audio' && remoteAudio) {
+    remoteAudio.srcObject = s; remoteAudio.play().catch(() => {});
+    meters.reply = meter(s);
+  }
+}
+async function start() {
+  if (pc) return;
+  const id = newId();
+  btn.disabled = true;
+  setStatus('Connecting…', 'connecting');
+  const conn = new RTCPeerConnection(Object.assign({iceServers: []}, cfg.rtc_configuration || {}));
+  pc = conn;
+  try {
+    if (cfg.rtc_configuration_dynamic && server && server.rtc_configuration) {
+      const dyn = await server.rtc_configuration(null);
+      if (dyn && typeof dyn === 'object') conn.setConfiguration(Object.assign({iceServers: []}, dyn));
+    }
+    if (cfg.audio) {
+      audioCtx = new (window.AudioContext || window.webkitAudioContext)();
+      audioCtx.resume().catch(() => {});
+    }
+    dc = conn.createDataChannel('text');  // before the offer, as the server expects
+    dc.onmessage = (e) => onMessage(e.data);
+    dc.onclose = () => { if (pc === conn && state.webrtcId) stop('Connection closed'); };
+    conn.ontrack = (e) => onTrack(e.track);
+    conn.onconnectionstatechange = () => {
+      state.connectionState = conn.connectionState;
+      if (pc !== conn) return;
+      if (conn.connectionState === 'connected') setStatus(cfg.video ? 'Streaming' : 'Listening', 'streaming');
+      else if (conn.connectionState === 'failed') fail(new Error('connection failed'));
+    };
+    if (cfg.mode !== 'receive') {
+      if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia)
+        throw new Error('camera and microphone need HTTPS or localhost');
+      localStream = await navigator.mediaDevices.getUserMedia(constraints());
+      if (pc !== conn) { localStream.getTracks().forEach((t) => t.stop()); return; }
+      if (localVideo) localVideo.srcObject = localStream;
+      if (cfg.audio && localStream.getAudioTracks().length) meters.mic = meter(localStream);
+      const direction = cfg.mode === 'send' ? 'sendonly' : 'sendrecv';
+      for (const t of localStream.getTracks()) conn.addTransceiver(t, {direction, streams: [localStream]});
+    } else {
+      if (cfg.video) conn.addTransceiver('video', {direction: 'recvonly'});
+      if (cfg.audio) conn.addTransceiver('audio', {direction: 'recvonly'});
+    }
+    timer = setInterval(tick, 100);
+    const late = [];
+    let answered = false, offered = false;
+    const url = offerUrl();
+    const postCandidate = (c) => fetch(url, {method: 'POST', headers: {'Content-Type': 'application/json'},
+      body: JSON.stringify({type: 'ice-candidate', webrtc_id: id, candidate: c})}).catch(() => {});
+    conn.onicecandidate = (e) => {
+      if (!e.candidate || !offered) return;  // gathered before the offer: already in its SDP
+      if (answered) postCandidate(e.candidate.toJSON()); else late.push(e.candidate.toJSON());
+    };
+    await conn.setLocalDescription(await conn.createOffer());
+    await gathered(conn, 2000);
+    if (pc !== conn) return;
+    const sdp = conn.localDescription.sdp;
+    offered = true;
+    const resp = await fetch(url, {method: 'POST', headers: {'Content-Type': 'application/json'},
+      body: JSON.stringify({sdp, type: 'offer', webrtc_id: id})});
+    let body = null;
+    try { body = await resp.json(); } catch (e) {}
+    if (!resp.ok || !body || body.status === 'failed' || !body.sdp) throw new Error(refusal(body, resp.status));
+    if (pc !== conn) return;
+    await conn.setRemoteDescription({type: body.type || 'answer', sdp: body.sdp});
+    answered = true;
+    late.splice(0).forEach(postCandidate);
+    state.webrtcId = id;
+    root.dataset.webrtcId = id;
+    btn.textContent = 'Stop';
+    btn.disabled = false;
+    if (conn.connectionState !== 'connected') setStatus('Connecting…', 'connecting');
+    addLog('Connected (' + id.slice(0, 8) + ')');
+    trigger('play', {webrtc_id: id});
+  } catch (err) {
+    if (pc === conn) fail(err);
+  }
+}
+function stop(reason, kind) {
+  const id = state.webrtcId;
+  const conn = pc;
+  pc = null; dc = null;
+  if (conn) { try { conn.close(); } catch (e) {} }
+  if (localStream) localStream.getTracks().forEach((t) => t.stop());
+  localStream = null;
+  for (const el of [localVideo, remoteVideo, remoteAudio]) if (el) el.srcObject = null;
+  for (const k in meters) { try { meters[k].src.disconnect(); } catch (e) {} }
+  meters = {};
+  if (timer) clearInterval(timer);
+  timer = null;
+  tick();
+  if (audioCtx) { audioCtx.close().catch(() => {}); audioCtx = null; }
+  state.webrtcId = null;
+  delete root.dataset.webrtcId;
+  btn.textContent = 'Start';
+  btn.disabled = false;
+  setStatus(reason || 'Stopped', kind || 'idle');
+  if (id) { addLog(reason || 'Stopped'); trigger('stop', {webrtc_id: id}); }
+}
+function fail(err) {
+  const text = 'Error: ' + ((err && err.message) || err);
+  state.errors.push(text);
+  stop(text, 'error');
+  addLog(text, 'brtc-error');
+}
+btn.addEventListener('click', () => { if (pc) stop(); else start(); });
+window.addEventListener('pagehide', () => { if (pc) stop('Page closed'); });
+"""
+
+
+def _title_html(stream: Stream) -> str | None:
+    args = stream.ui_args or {}
+    if args.get("hide_title"):
+        return None
+    title = _safe_text(args.get("title") or DEFAULT_TITLES.get(stream.modality, "Stream"))
+    out = ['<div class="brtc-header">']
+    icon = args.get("icon")
+    if isinstance(icon, str) and icon:
+        out.append(f'<img class="brtc-icon" src="{_safe_text(icon)}" alt="">')
+    out.append(f"<h1>{title}</h1>")
+    if args.get("subtitle"):
+        out.append(f'<p class="brtc-subtitle">{_safe_text(args["subtitle"])}</p>')
+    out.append("</div>")
+    return "".join(out)
+
+
+HEADER_CSS = """
+.brtc-header { text-align: center; padding: 4px 0 8px; }
+.brtc-header h1 { margin: 0; font-size: 1.8em; }
+.brtc-subtitle { margin: 4px 0 0; color: var(--body-text-color-subdued); }
+.brtc-icon { height: 48px; display: block; margin: 0 auto 6px; }
+"""
+
+
+def _component(gr: Any, obj: Any, index: int, kind: str) -> Any:
+    """A Gradio component for an additional input/output; placeholders for anything else
+    (FastRTC allows plain objects with `.value`, e.g. in tests)."""
+    if isinstance(obj, gr.components.Component):
+        return obj.render()
+    value = getattr(obj, "value", None)
+    if kind == "input":
+        return gr.State(value=value)
+    return gr.JSON(value=None, label=f"output {index}")
+
+
+def build_blocks(stream: Stream, loop: asyncio.AbstractEventLoop | None = None) -> Any:
+    """Build the Gradio Blocks of `/ui` (called on the first request to `/ui`)."""
+    import gradio as gr
+
+    from .stream import UnknownConnection
+
+    args = stream.ui_args or {}
+    title = str(args.get("title") or DEFAULT_TITLES.get(stream.modality, "Stream"))
+    n_in = len(stream.additional_inputs)
+    merge = stream.additional_outputs_handler
+    has_side = bool(stream.additional_inputs or stream.additional_outputs)
+
+    with gr.Blocks(title=title, analytics_enabled=False) as blocks:
+        header = _title_html(stream)
+        if header is not None:
+            gr.HTML(value="", html_template=header, css_template=HEADER_CSS, js_on_load=None,
+                    apply_default_css=False, elem_id="batchrtc-header")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3 if has_side else 1):
+                panel = gr.HTML(
+                    value="",
+                    html_template=_panel_html(stream),
+                    css_template=PANEL_CSS,
+                    js_on_load=PANEL_JS,
+                    apply_default_css=False,
+                    padding=True,
+                    container=True,
+                    elem_id="batchrtc-panel",
+                    server_functions=[_rtc_configuration_fn(stream, loop)] if callable(stream.rtc_configuration) else None,
+                    rtc=_client_config(stream),
+                )
+            inputs: list[Any] = []
+            outputs: list[Any] = []
+            if has_side:
+                with gr.Column(scale=2):
+                    inputs = [_component(gr, c, i, "input") for i, c in enumerate(stream.additional_inputs)]
+                    outputs = [_component(gr, c, i, "output") for i, c in enumerate(stream.additional_outputs)]
+        webrtc_box = gr.Textbox(value="", visible="hidden", label="webrtc_id", elem_id="batchrtc-webrtc-id")
+
+        def event_id(evt: Any) -> str:
+            data = getattr(evt, "_data", None)
+            wid = data.get("webrtc_id") if isinstance(data, dict) else None
+            return wid if isinstance(wid, str) else ""
+
+        def push(webrtc_id: str, values: list[Any]) -> None:
+            if not webrtc_id or not n_in:
+                return
+            try:
+                stream.set_input(webrtc_id, *values)
+            except UnknownConnection:
+                pass  # stopped meanwhile
+
+        async def push_inputs(webrtc_id: str, *values: Any) -> None:
+            push(webrtc_id, list(values))
+
+        async def push_inputs_requested(evt, *values: Any) -> None:  # the server sent `send_input`
+            push(event_id(evt), list(values))
+
+        async def run_session(evt, *values: Any) -> Any:
+            """From connect to the end of the connection: inputs once, then the outputs."""
+            webrtc_id = event_id(evt)
+            skip = [gr.update() for _ in outputs]
+            if not webrtc_id:
+                return
+            previous = list(values[n_in:])
+            try:
+                push(webrtc_id, list(values[:n_in]))
+                stream_iter = stream.output_stream(webrtc_id)
+            except UnknownConnection:
+                yield ["", *skip]
+                return
+            yield [webrtc_id, *skip]
+            if not outputs or merge is None:
+                # Nothing to show: leave the outputs to other readers; wait for the end.
+                await stream_iter.aclose()
+                session = stream.sessions.get(webrtc_id)
+                if session is not None:
+                    await session.closed.wait()
+                yield ["", *skip]
+                return
+            it = stream_iter.__aiter__()
+            nxt: asyncio.Future | None = None
+            dirty = False
+            last = 0.0
+            try:
+                while True:
+                    if nxt is None:
+                        nxt = asyncio.ensure_future(it.__anext__())
+                    timeout = max(0.0, last + OUTPUT_MIN_INTERVAL_S - time.monotonic()) if dirty else None
+                    done, _ = await asyncio.wait({nxt}, timeout=timeout)
+                    if done:
+                        fut, nxt = nxt, None
+                        try:
+                            item = fut.result()
+                        except StopAsyncIteration:
+                            break
+                        try:
+                            new = merge(*previous, *item.args)
+                            if inspect.isawaitable(new):
+                                new = await new
+                        except Exception as e:
+                            logger.exception("additional_outputs_handler raised")
+                            gr.Warning(f"additional_outputs_handler raised {type(e).__name__}: {e}")
+                            continue
+                        previous = [new] if len(outputs) == 1 else list(new)
+                        dirty = True
+                        if time.monotonic() - last < OUTPUT_MIN_INTERVAL_S:
+                            continue
+                    if dirty:
+                        dirty = False
+                        last = time.monotonic()
+                        yield [gr.update(), *previous]
+                if dirty:
+                    yield [gr.update(), *previous]
+                yield ["", *skip]
+            finally:
+                if nxt is not None:
+                    nxt.cancel()
+
+        async def on_stop(evt) -> None:
+            """The page stopped: end the session now (a closed peer connection alone can take
+            the server a while to notice) so its concurrency slot is free at once."""
+            session = stream.sessions.get(event_id(evt))
+            if session is not None:
+                await session.close("client stopped")
+
+        # Gradio injects EventData by annotation; set it explicitly (lazy gradio import).
+        for fn in (push_inputs_requested, run_session, on_stop):
+            fn.__annotations__["evt"] = gr.EventData
+
+        common = dict(show_progress="hidden", api_visibility="private", concurrency_limit=None)
+        panel.play(run_session, inputs=[*inputs, *outputs], outputs=[webrtc_box, *outputs],
+                   trigger_mode="multiple", **common)
+        panel.stop(on_stop, inputs=None, outputs=None, trigger_mode="multiple", **common)
+        if inputs:
+            panel.submit(push_inputs_requested, inputs=inputs, outputs=None, trigger_mode="multiple", **common)
+            for comp in inputs:
+                if isinstance(comp, gr.State):
+                    continue
+                comp.change(push_inputs, inputs=[webrtc_box, *inputs], outputs=None,
+                            trigger_mode="always_last", **common)
+    return blocks
+
+
+def _rtc_configuration_fn(stream: Stream, loop: asyncio.AbstractEventLoop | None) -> Any:
+    """`rtc_configuration` given as a callable (FastRTC allows sync or async, no arguments):
+    called for each connection from the page through a Gradio server function."""
+
+    def rtc_configuration(_data: Any = None) -> Any:
+        fn = stream.rtc_configuration
+        result = fn() if callable(fn) else fn
+        if inspect.isawaitable(result):
+            if loop is None:
+                raise RuntimeError("no event loop for an async rtc_configuration")
+            result = asyncio.run_coroutine_threadsafe(_await(result), loop).result(30)
+        return json.loads(json.dumps(result)) if result is not None else None
+
+    return rtc_configuration
+
+
+async def _await(aw: Any) -> Any:
+    return await aw

@@ -1,0 +1,134 @@
+"""Churn and faults: sessions come and go, peers vanish mid-batch; everything is released."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import threading
+import time
+
+import httpx
+import numpy as np
+import psutil
+import torch
+import websockets
+
+from server import ReplyOnPause, Stream
+from server.vad_engine import get_vad_engine
+from server.video import batched
+from tests.test_websocket_reply import echo
+from tests.webrtc_client import FrameSource, connect
+from server.codecs import ulaw_encode
+
+import base64
+
+
+def frame(i: int) -> np.ndarray:
+    img = np.full((96, 128, 3), 90, np.uint8)
+    img[:, : (i % 128)] = 200
+    return img
+
+
+async def settle(cond, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("did not settle")
+        await asyncio.sleep(0.1)
+
+
+async def test_vanished_peer_mid_batch_hurts_nobody(serve):
+    gate = threading.Event()
+
+    @batched(max_batch_size=8, max_queue_delay_ms=5, device="cpu")
+    def slowish(frames: torch.Tensor, args):
+        gate.wait(0.05)  # keep batches in flight long enough to vanish in the middle
+        return frames
+
+    stream = Stream(slowish, modality="video", concurrency_limit=4)
+    server = serve(stream)
+    a, _ = await connect(server.http, "vanish", video=FrameSource(frame, fps=20), recv_video=True, keep_frames=0)
+    b, _ = await connect(server.http, "stays", video=FrameSource(frame, fps=20), recv_video=True, keep_frames=0)
+    await settle(lambda: len(a.frames) > 5 and len(b.frames) > 5)
+    # The peer vanishes without a goodbye from our side: its tasks die, its transport closes.
+    for t in a.tasks:
+        t.cancel()
+    await a.pc.close()
+    await settle(lambda: "vanish" not in stream.sessions, 30)
+    n0 = len(b.frames)
+    await asyncio.sleep(1.0)
+    assert len(b.frames) - n0 >= 10  # the other session keeps its full rate
+    stats = slowish.batcher.stats.snapshot()
+    assert stats["failed"] == 0
+    await b.close()
+    await settle(lambda: stream.active_sessions == 0)
+
+
+async def test_churn_returns_to_baseline(serve):
+    """Mixed WebSocket audio and WebRTC video sessions connect and disconnect repeatedly;
+    sessions, VAD state slots, threads, loop tasks and memory return to baseline."""
+
+    @batched(max_batch_size=16, max_queue_delay_ms=5, device="cpu")
+    def passthrough(frames: torch.Tensor, args):
+        return frames
+
+    audio = Stream(ReplyOnPause(echo), modality="audio", concurrency_limit=64)
+    video = Stream(passthrough, modality="video", concurrency_limit=64)
+
+    @audio.get("/_tasks")
+    async def tasks():
+        return {"tasks": len(asyncio.all_tasks())}
+
+    sa, sv = serve(audio), serve(video)
+    engine = get_vad_engine()
+    proc = psutil.Process(os.getpid())
+    speech = (np.sin(np.arange(48000) / 7) * 6000).astype(np.int16)
+    payload = base64.b64encode(ulaw_encode(speech[:9600])).decode()
+
+    async def ws_cycle(i: int, quit_rudely: bool) -> None:
+        async with websockets.connect(f"{sa.ws}/websocket/offer") as ws:
+            await ws.send(json.dumps({"event": "start", "websocket_id": f"c{i}"}))
+            for _ in range(4):  # 0.8 s of audio -> at least one VAD batch
+                await ws.send(json.dumps({"event": "media", "media": {"payload": payload}}))
+            await asyncio.sleep(0.2)
+            if quit_rudely:
+                ws.transport.abort()  # vanish without a close frame
+                return
+            await ws.send(json.dumps({"event": "stop"}))
+
+    async def rtc_cycle(i: int) -> None:
+        c, ans = await connect(sv.http, f"v{i}", video=FrameSource(frame, fps=15), recv_video=True, keep_frames=0)
+        assert ans["type"] == "answer"
+        await settle(lambda: len(c.frames) >= 2, 20)
+        await c.close()
+
+    async def one_round(r: int) -> None:
+        await asyncio.gather(
+            *(ws_cycle(r * 10 + k, quit_rudely=(k % 3 == 0)) for k in range(6)),
+            *(rtc_cycle(r * 10 + k) for k in range(2)),
+        )
+
+    await one_round(0)  # warm up: lazily created pools, codecs, the VAD engine
+    await settle(lambda: audio.active_sessions == 0 and video.active_sessions == 0)
+    gc.collect()
+    await asyncio.sleep(1.0)
+    async with httpx.AsyncClient() as http:
+        tasks0 = (await http.get(f"{sa.http}/_tasks")).json()["tasks"]
+    slots0 = engine.state.in_use
+    threads0 = threading.active_count()
+    rss0 = proc.memory_info().rss
+
+    for r in range(1, 9):  # 8 rounds x 8 sessions = 64 more sessions
+        await one_round(r)
+    await settle(lambda: audio.active_sessions == 0 and video.active_sessions == 0, 30)
+    gc.collect()
+    await asyncio.sleep(1.0)
+    async with httpx.AsyncClient() as http:
+        tasks1 = (await http.get(f"{sa.http}/_tasks")).json()["tasks"]
+    assert engine.state.in_use == slots0, (engine.state.in_use, slots0)
+    assert tasks1 <= tasks0 + 2, (tasks0, tasks1)
+    assert threading.active_count() <= threads0 + 4, (threads0, threading.active_count())
+    growth = (proc.memory_info().rss - rss0) / 2**20
+    assert growth < 80, f"RSS grew {growth:.0f} MiB over 64 sessions"
