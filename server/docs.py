@@ -30,13 +30,12 @@ PHONE_RATE = 8000
 _CODEC_AND_WAV = r'''
 
 def ulaw_encode(pcm):
-    """int16 samples -> G.711 mu-law bytes."""
-    x = pcm.astype(np.int32)
-    mag = np.minimum(np.abs(x), 32635) + 0x84
-    exp = np.floor(np.log2(mag)).astype(np.int32) - 7
-    mant = (mag >> (exp + 3)) & 0x0F
-    sign = np.where(x < 0, 0x80, 0)
-    return (~(sign | (exp << 4) | mant) & 0xFF).astype(np.uint8).tobytes()
+    """int16 samples -> G.711 mu-law bytes (the same bytes as audioop.lin2ulaw)."""
+    x = pcm.astype(np.int32) >> 2
+    mag = np.minimum(np.abs(x), 8158) + 33
+    exp = np.floor(np.log2(mag)).astype(np.int32) - 5
+    code = (exp << 4) | ((mag >> (exp + 1)) & 0x0F)
+    return (code ^ np.where(x < 0, 0x7F, 0xFF)).astype(np.uint8).tobytes()
 
 
 def ulaw_decode(data):
@@ -423,7 +422,7 @@ if __name__ == "__main__":
 
 
 def _fill(template: str, **values: Any) -> str:
-    out = template.replace("@CODEC_AND_WAV@", _CODEC_AND_WAV.strip("\n") + "\n")
+    out = template.replace("@CODEC_AND_WAV@", "\n\n" + _CODEC_AND_WAV.strip("\n") + "\n")
     for key, value in values.items():
         out = out.replace(f"@{key}@", str(value))
     return out
@@ -594,44 +593,46 @@ def websocket_page(stream: Any, request: Request) -> str:
     if stream.modality not in ("audio", "audio-video"):
         note = (f'<p class=note>This stream\'s modality is <code>{_e(stream.modality)}</code>: the '
                 "WebSocket front end carries audio only, so use WebRTC for it.</p>")
+    client_table = _table(("event", "fields", "notes"), [
+        ("<code>start</code>", '<code>{"event": "start", "websocket_id": ID}</code>',
+         "first, once; ID is a non-empty string you choose (unique among live connections). "
+         f"Without it within {START_TIMEOUT_S:.0f} s the socket is closed."),
+        ("<code>media</code>", '<code>{"event": "media", "media": {"payload": BASE64}}</code>',
+         f"base64 of G.711 mu-law bytes, mono, <b>{inp} Hz</b> (the handler's input rate); 20 ms "
+         f"({inp // 50} samples) per message is typical; send at real-time pace"),
+        ("<code>ping</code>", '<code>{"event": "ping"}</code>', 'answered with <code>{"event": "pong"}</code>'),
+        ("<code>stop</code>", '<code>{"event": "stop"}</code>', "ends the connection (the server closes with 1000)"),
+    ])
+    server_table = _table(("message", "notes"), [
+        ('<code>{"event": "media", "media": {"payload": BASE64}}</code>',
+         f"reply audio: mu-law, mono, <b>{out} Hz</b> (the handler's output rate), sent at about real time"),
+        ('<code>{"event": "pong"}</code>', "answer to <code>ping</code>"),
+        ('<code>{"type": TYPE, "data": ...}</code> / <code>{"type": "error", "message": ...}</code>',
+         "data-channel messages, below"),
+        ('<code>{"status": "failed", "meta": {"error": CODE, ...}}</code>',
+         "refusal of <code>start</code>, then a close (1008)"),
+    ])
+    errors_table = _table(("code / message", "when"), [
+        ('<code>concurrency_limit_reached</code> (with <code>"limit": N</code>)',
+         f"already {stream.concurrency_limit} connection(s); then the socket closes with 1008"),
+        ('<code>connection_already_exists</code> (with <code>"webrtc_id"</code>)', "the id is in use; close 1008"),
+        ("<code>unknown_connection</code>, <code>invalid_candidate_format</code>, <code>invalid_sdp</code>",
+         "WebRTC offer codes; not sent on this front end"),
+        (_e('error "message is not valid JSON", "message must be a JSON object with an "event" field", '
+            '"unknown event", "media payload is not valid base64", "media event needs {"media": {"payload": BASE64}}"'),
+         "the message is ignored; the connection goes on"),
+        (_e('error "send a "start" event before media"'), "close 1008"),
+        (_e(f'error "message too large" (over {MAX_MESSAGE_BYTES} bytes)'), "close 1009"),
+        ("error with the handler's exception", "the handler raised; the connection goes on"),
+    ])
     body = f"""
 <p>Audio over one WebSocket, FastRTC's protocol: <code>WS {_e(prefix)}/websocket/offer</code>
 (<code>{_e(url)}</code>). Every frame is a JSON text frame.</p>{note}
 <h2>This stream</h2>{_facts(stream)}
-<h2>Client &rarr; server</h2>
-{_table(("event", "fields", "notes"), [
-    ("<code>start</code>", '<code>{"event": "start", "websocket_id": ID}</code>',
-     f"first, once; ID is a non-empty string you choose (unique among live connections). "
-     f"Without it within {START_TIMEOUT_S:.0f} s the socket is closed."),
-    ("<code>media</code>", '<code>{"event": "media", "media": {"payload": BASE64}}</code>',
-     f"base64 of G.711 mu-law bytes, mono, <b>{inp} Hz</b> (the handler's input rate); 20 ms "
-     f"({inp // 50} samples) per message is typical; send at real-time pace"),
-    ("<code>ping</code>", '<code>{"event": "ping"}</code>', "answered with <code>{\"event\": \"pong\"}</code>"),
-    ("<code>stop</code>", '<code>{"event": "stop"}</code>', "ends the connection (the server closes with 1000)"),
-])}
-<h2>Server &rarr; client</h2>
-{_table(("message", "notes"), [
-    ('<code>{"event": "media", "media": {"payload": BASE64}}</code>',
-     f"reply audio: mu-law, mono, <b>{out} Hz</b> (the handler's output rate), sent at about real time"),
-    ('<code>{"event": "pong"}</code>', "answer to <code>ping</code>"),
-    ('<code>{"type": TYPE, "data": ...}</code> / <code>{"type": "error", "message": ...}</code>',
-     "data-channel messages, below"),
-    ('<code>{"status": "failed", "meta": {"error": CODE, ...}}</code>', "refusal of <code>start</code>, then a close (1008)"),
-])}
+<h2>Client &rarr; server</h2>{client_table}
+<h2>Server &rarr; client</h2>{server_table}
 <h3>Data-channel messages</h3>{_channel_table()}
-<h3>Refusals and errors</h3>
-{_table(("code / message", "when"), [
-    ('<code>concurrency_limit_reached</code> (with <code>"limit": N</code>)',
-     f"already {stream.concurrency_limit} connection(s); then the socket closes with 1008"),
-    ('<code>connection_already_exists</code> (with <code>"webrtc_id"</code>)', "the id is in use; close 1008"),
-    ("<code>unknown_connection</code>, <code>invalid_candidate_format</code>, <code>invalid_sdp</code>",
-     "WebRTC offer codes; not sent on this front end"),
-    ('error "message is not valid JSON", "must be a JSON object with an "event" field", "unknown event", '
-     '"not valid base64", "needs {"media": {"payload": BASE64}}"', "the message is ignored; the connection goes on"),
-    ('error "send a "start" event before media"', "close 1008"),
-    (f'error "message too large" (over {MAX_MESSAGE_BYTES} bytes)', "close 1009"),
-    ("error with the handler's exception", "the handler raised; the connection goes on"),
-])}
+<h3>Refusals and errors</h3>{errors_table}
 <p>Close codes: 1000 normal end (<code>stop</code>, time limit, <code>CloseStream</code>), 1008
 protocol or policy (refused, no <code>start</code>, media before <code>start</code>), 1009 too large.</p>
 <h2>Example</h2>
@@ -659,36 +660,40 @@ def webrtc_page(stream: Any, request: Request) -> str:
         "send": "the client sends media only",
         "receive": "the client receives media only (offer <code>recvonly</code> transceivers)",
     }[stream.mode]
+    request_table = _table(("field", "type", "notes"), [
+        ("<code>webrtc_id</code>", "string, required", "an id you choose for the connection (422 without it)"),
+        ("<code>type</code>", "string",
+         '<code>"offer"</code> starts a connection; <code>"ice-candidate"</code> adds a trickled candidate'),
+        ("<code>sdp</code>", "string", "the offer SDP (for <code>offer</code>)"),
+        ("<code>candidate</code>", "object",
+         '<code>{"candidate": "candidate:...", "sdpMid": ..., "sdpMLineIndex": ...}</code> '
+         "(for <code>ice-candidate</code>)"),
+    ])
+    response_table = _table(("response", "when"), [
+        ('<code>{"sdp": ANSWER, "type": "answer"}</code>', "the offer is accepted"),
+        ('<code>{"status": "success"}</code>', "the candidate was added"),
+        ('<code>{"status": "failed", "meta": {"error": "concurrency_limit_reached", "limit": N}}</code>',
+         f"HTTP 200: already {stream.concurrency_limit} connection(s)"),
+        ('<code>{"status": "failed", "meta": {"error": "connection_already_exists", "webrtc_id": ID}}</code>',
+         "HTTP 200: the id is in use"),
+        ('<code>{"status": "failed", "meta": {"error": "unknown_connection"}}</code>',
+         "HTTP 200: an <code>ice-candidate</code> for an id with no connection"),
+        ('<code>{"status": "failed", "meta": {"error": "invalid_candidate_format", "detail": ...}}</code>',
+         "HTTP 400: the candidate could not be parsed"),
+        ('<code>{"status": "failed", "meta": {"error": "invalid_sdp", "detail": ...}}</code>',
+         "HTTP 400: no SDP, or an SDP that cannot be negotiated (nothing is left behind)"),
+        ('<code>{"status": "failed", "meta": {"error": "invalid_type", "detail": ...}}</code>',
+         'HTTP 400: <code>type</code> is neither <code>"offer"</code> nor <code>"ice-candidate"</code>'),
+    ])
+    media_table = _table(("track", "details"), media_rows) if media_rows else "<p>none</p>"
     body = f"""
 <p>Media over WebRTC, FastRTC's offer protocol: <code>POST {_e(prefix)}/webrtc/offer</code>
 (<code>{_e(http_base)}/webrtc/offer</code>). Mode <code>{_e(stream.mode)}</code>: {directions}.</p>
 <h2>This stream</h2>{_facts(stream)}
-<h2>Request</h2>
-{_table(("field", "type", "notes"), [
-    ("<code>webrtc_id</code>", "string, required", "an id you choose for the connection (422 without it)"),
-    ("<code>type</code>", "string", '<code>"offer"</code> starts a connection; <code>"ice-candidate"</code> adds a trickled candidate'),
-    ("<code>sdp</code>", "string", "the offer SDP (for <code>offer</code>)"),
-    ("<code>candidate</code>", "object", '<code>{"candidate": "candidate:...", "sdpMid": ..., "sdpMLineIndex": ...}</code> (for <code>ice-candidate</code>)'),
-])}
+<h2>Request</h2>{request_table}
 <p>Create the data channel <b>before</b> the offer: the server's messages come on it.</p>
-<h2>Responses</h2>
-{_table(("response", "when"), [
-    ('<code>{"sdp": ANSWER, "type": "answer"}</code>', "the offer is accepted"),
-    ('<code>{"status": "success"}</code>', "the candidate was added"),
-    ('<code>{"status": "failed", "meta": {"error": "concurrency_limit_reached", "limit": N}}</code>',
-     f"HTTP 200: already {stream.concurrency_limit} connection(s)"),
-    ('<code>{"status": "failed", "meta": {"error": "connection_already_exists", "webrtc_id": ID}}</code>',
-     "HTTP 200: the id is in use"),
-    ('<code>{"status": "failed", "meta": {"error": "unknown_connection"}}</code>',
-     "HTTP 200: an <code>ice-candidate</code> for an id with no connection"),
-    ('<code>{"status": "failed", "meta": {"error": "invalid_candidate_format", "detail": ...}}</code>',
-     "HTTP 400: the candidate could not be parsed"),
-    ('<code>{"status": "failed", "meta": {"error": "invalid_sdp", "detail": ...}}</code>',
-     "HTTP 400: no SDP, or an SDP that cannot be negotiated (nothing is left behind)"),
-    ('<code>{"status": "failed", "meta": {"error": "invalid_type", "detail": ...}}</code>',
-     'HTTP 400: <code>type</code> is neither <code>"offer"</code> nor <code>"ice-candidate"</code>'),
-])}
-<h2>Media</h2>{_table(("track", "details"), media_rows) if media_rows else "<p>none</p>"}
+<h2>Responses</h2>{response_table}
+<h2>Media</h2>{media_table}
 <p>A connection that sends no media for 30 s is dropped.</p>
 <h2>Data channel</h2>
 <p>Server messages are JSON <code>{{"type": TYPE, "data": ...}}</code>, except <code>error</code>
@@ -713,6 +718,28 @@ def telephone_page(stream: Any, request: Request) -> str:
         note = (f'<p class=note>This stream\'s modality is <code>{_e(stream.modality)}</code>: phone calls '
                 "carry audio only, so <code>/telephone/incoming</code> answers HTTP 400 "
                 '<code>{"status": "failed", "meta": {"error": "unsupported_modality"}}</code>.</p>')
+    in_table = _table(("provider &rarr; server", "notes"), [
+        ("<code>connected</code>", "ignored"),
+        ("<code>start</code>", "<code>streamSid</code> (top level or in <code>start</code>) names the call: "
+                               "required, unique among live connections"),
+        ("<code>media</code>", "<code>media.payload</code>: base64 G.711 mu-law, <b>8000 Hz</b> mono "
+                               "(20 ms = 160 bytes per message)"),
+        ("<code>mark</code>, <code>dtmf</code>", "ignored"),
+        ("<code>stop</code>", "the call ended; the server closes the socket"),
+    ])
+    out_table = _table(("server &rarr; provider", "notes"), [
+        ('<code>{"event": "media", "streamSid": SID, "media": {"payload": BASE64}}</code>',
+         "what the caller hears: mu-law, 8000 Hz, sent at about real time"),
+        ('<code>{"event": "clear", "streamSid": SID}</code>',
+         "the caller spoke over a reply (<code>ReplyOnPause(can_interrupt=True)</code>): drop buffered audio"),
+        ('<code>{"type": TYPE, "data"/"message": ...}</code>',
+         "FastRTC's data-channel messages (below); a provider ignores them"),
+        ('<code>{"status": "failed", "meta": {"error": "concurrency_limit_reached", "limit": N}}</code>',
+         f"a call over the limit ({stream.concurrency_limit}; phone calls count with every other "
+         "connection); then close 1008"),
+        ('<code>{"status": "failed", "meta": {"error": "connection_already_exists", ...}}</code>',
+         "the <code>streamSid</code> is in use; close 1008"),
+    ])
     body = f"""
 <p>Phone calls through a telephony provider (Twilio Media Streams format). Point your number's
 voice webhook ("A call comes in", HTTP POST) at <code>https://YOUR_HOST{_e(prefix)}/telephone/incoming</code>
@@ -726,24 +753,7 @@ audio to <code>WS {_e(prefix)}/telephone/handler</code>. FastRTC's temporary num
 <p>The stream URL uses this request's Host header and mount path; <code>wss://</code> unless the
 request is plain http to localhost.</p>
 <h2>Media stream: <code>WS {_e(prefix)}/telephone/handler</code></h2>
-{_table(("provider &rarr; server", "notes"), [
-    ("<code>connected</code>", "ignored"),
-    ("<code>start</code>", "<code>streamSid</code> (top level or in <code>start</code>) names the call: required, unique among live connections"),
-    ("<code>media</code>", "<code>media.payload</code>: base64 G.711 mu-law, <b>8000 Hz</b> mono (20 ms = 160 bytes per message)"),
-    ("<code>mark</code>, <code>dtmf</code>", "ignored"),
-    ("<code>stop</code>", "the call ended; the server closes the socket"),
-])}
-{_table(("server &rarr; provider", "notes"), [
-    ('<code>{"event": "media", "streamSid": SID, "media": {"payload": BASE64}}</code>',
-     "what the caller hears: mu-law, 8000 Hz, sent at about real time"),
-    ('<code>{"event": "clear", "streamSid": SID}</code>',
-     "the caller spoke over a reply (<code>ReplyOnPause(can_interrupt=True)</code>): drop buffered audio"),
-    ('<code>{"type": TYPE, "data"/"message": ...}</code>', "FastRTC's data-channel messages (below); a provider ignores them"),
-    ('<code>{"status": "failed", "meta": {"error": "concurrency_limit_reached", "limit": N}}</code>',
-     f"a call over the limit ({stream.concurrency_limit}; phone calls count with every other connection); then close 1008"),
-    ('<code>{"status": "failed", "meta": {"error": "connection_already_exists", ...}}</code>',
-     "the <code>streamSid</code> is in use; close 1008"),
-])}
+{in_table}{out_table}
 <p>Bad input is answered like on <a href="{_e(prefix)}/websocket/docs">the WebSocket front end</a>: an
 <code>error</code> message (not JSON, no <code>event</code>, bad base64; the call goes on), or an
 <code>error</code> and a close (media before <code>start</code>: 1008; a message over

@@ -32,6 +32,10 @@ HANDLER_POOL = ThreadPoolExecutor(max_workers=256, thread_name_prefix="handler")
 OUTPUTS_QUEUE_SIZE = 64
 
 
+class HandlerTimeout(Exception):
+    """A handler call outlived the stream's `handler_timeout`."""
+
+
 class Session:
     """State of one connection (`webrtc_id`), whatever front end carries it."""
 
@@ -126,9 +130,25 @@ class Session:
 
         return await self.loop.run_in_executor(HANDLER_POOL, run)
 
+    async def call_limited(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`call` under the stream's `handler_timeout`. A handler that hangs ends its own
+        session (its thread cannot be killed, but nobody waits on it any more)."""
+        timeout = self.stream.handler_timeout
+        if timeout is None:
+            return await self.call(fn, *args)
+        try:
+            return await asyncio.wait_for(self.call(fn, *args), timeout)
+        except asyncio.TimeoutError:
+            name = getattr(fn, "__qualname__", repr(fn))
+            self.send_error(f"handler {name} did not return within {timeout:g} s; closing the session")
+            asyncio.ensure_future(self.close("handler timed out"))
+            raise HandlerTimeout(name) from None
+
     async def receive(self, frame: Any) -> None:
         try:
-            await self.call(self.handler.receive, frame)
+            await self.call_limited(self.handler.receive, frame)
+        except HandlerTimeout:
+            pass
         except Exception as e:
             self.report_handler_error(e)
         finally:

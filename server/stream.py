@@ -53,6 +53,7 @@ class Stream(FastAPI):
         additional_outputs: list[Any] | None = None,
         ui_args: dict[str, Any] | None = None,
         verbose: bool = True,
+        handler_timeout: float | None = 30.0,
         **fastapi_kwargs: Any,
     ) -> None:
         if modality not in ("video", "audio", "audio-video"):
@@ -89,6 +90,9 @@ class Stream(FastAPI):
         self.additional_outputs_handler = additional_outputs_handler
         self.ui_args = ui_args or {}
         self.verbose = verbose
+        # Per-call limit for handler calls that should return promptly (receive, per-frame
+        # video); a call that outlives it ends its session. `emit` may wait: no limit there.
+        self.handler_timeout = handler_timeout
         self.sessions: dict[str, Session] = {}
         self.default_args = [getattr(c, "value", None) for c in self.additional_inputs]
         if isinstance(handler, ReplyOnPause):

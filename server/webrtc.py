@@ -35,7 +35,7 @@ from batching import DeadlineExceeded
 
 from .audio_out import AudioOut
 from .handlers import AsyncAudioVideoStreamHandler, AudioVideoStreamHandler, DataChannel, StreamHandlerBase
-from .session import HANDLER_POOL, Session
+from .session import HANDLER_POOL, HandlerTimeout, Session
 from .utils import AdditionalOutputs, CloseStream, create_message, split_output
 from .video import BatchedHandler
 
@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 NO_MEDIA_TIMEOUT_S = 30.0  # as FastRTC: a connection that never gets media is dropped
-AUDIO_OUT_QUEUE = 100  # 20 ms frames: 2 s of reply audio buffered at most
+AUDIO_OUT_QUEUE = 100
+MAX_FRAME_PIXELS = 3840 * 2160  # a 4K frame; larger ones are refused, not decoded into the batcher  # 20 ms frames: 2 s of reply audio buffered at most
 
 
 def _pin_ice_hosts() -> None:
@@ -426,6 +427,13 @@ class VideoPipeline:
                 await self.session.close("client closed the video track")
                 return
             self.conn.got_media.set()
+            if frame.width * frame.height > MAX_FRAME_PIXELS:
+                self.session.send_error(
+                    f"video frame {frame.width}x{frame.height} is larger than the "
+                    f"{MAX_FRAME_PIXELS}-pixel limit; closing the session"
+                )
+                await self.session.close("video frame too large")
+                return
             self.received += 1
             if self.mailbox is not None:
                 self.dropped += 1  # a newer frame replaces one never processed
@@ -446,7 +454,9 @@ class VideoPipeline:
                     arr = await loop.run_in_executor(HANDLER_POOL, _to_ndarray, frame, "rgb24")
                     out = await self.handler.submit(arr, args)
                 else:
-                    out = await loop.run_in_executor(HANDLER_POOL, self._call_plain, frame, args)
+                    out = await self.session.call_limited(self._call_plain, frame, args)
+            except HandlerTimeout:
+                return
             except DeadlineExceeded:
                 self.dropped += 1
                 continue

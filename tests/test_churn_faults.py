@@ -132,3 +132,34 @@ async def test_churn_returns_to_baseline(serve):
     assert threading.active_count() <= threads0 + 4, (threads0, threading.active_count())
     growth = (proc.memory_info().rss - rss0) / 2**20
     assert growth < 80, f"RSS grew {growth:.0f} MiB over 64 sessions"
+
+
+async def test_hanging_handler_ends_only_its_session(serve):
+    release = threading.Event()
+
+    def maybe_hang(img: np.ndarray, who: str) -> np.ndarray:
+        if who == "hang":
+            release.wait(60)
+        return img
+
+    class Who:
+        value = "fine"
+
+    stream = Stream(maybe_hang, modality="video", concurrency_limit=4,
+                    additional_inputs=[Who()], handler_timeout=0.5)
+    server = serve(stream)
+    hung, _ = await connect(server.http, "hung", video=FrameSource(frame, fps=15), recv_video=True, keep_frames=0)
+    fine, _ = await connect(server.http, "fine", video=FrameSource(frame, fps=15), recv_video=True, keep_frames=0)
+    try:
+        await settle(lambda: "hung" in stream.sessions and len(fine.frames) > 3)
+        stream.set_input("hung", "hang")
+        await settle(lambda: "hung" not in stream.sessions, 15)
+        errors = [m["message"] for m in hung.messages if m.get("type") == "error"]
+        assert errors and "did not return within 0.5 s" in errors[0]
+        n0 = len(fine.frames)
+        await asyncio.sleep(1.0)
+        assert len(fine.frames) - n0 >= 8
+    finally:
+        release.set()
+        await hung.close()
+        await fine.close()
