@@ -547,6 +547,10 @@ def build_blocks(stream: Stream, loop: asyncio.AbstractEventLoop | None = None) 
         async def push_inputs_requested(evt, *values: Any) -> None:  # the server sent `send_input`
             push(event_id(evt), list(values))
 
+        def pack(first: Any, rest: list[Any]) -> Any:
+            # Gradio: one output takes the value itself; several take a tuple.
+            return first if not rest else (first, *rest)
+
         async def run_session(evt, *values: Any) -> Any:
             """From connect to the end of the connection: inputs once, then the outputs."""
             webrtc_id = event_id(evt)
@@ -558,16 +562,16 @@ def build_blocks(stream: Stream, loop: asyncio.AbstractEventLoop | None = None) 
                 push(webrtc_id, list(values[:n_in]))
                 stream_iter = stream.output_stream(webrtc_id)
             except UnknownConnection:
-                yield ["", *skip]
+                yield pack("", skip)
                 return
-            yield [webrtc_id, *skip]
+            yield pack(webrtc_id, skip)
             if not outputs or merge is None:
                 # Nothing to show: leave the outputs to other readers; wait for the end.
                 await stream_iter.aclose()
                 session = stream.sessions.get(webrtc_id)
                 if session is not None:
                     await session.closed.wait()
-                yield ["", *skip]
+                yield pack("", skip)
                 return
             it = stream_iter.__aiter__()
             nxt: asyncio.Future | None = None
@@ -600,10 +604,10 @@ def build_blocks(stream: Stream, loop: asyncio.AbstractEventLoop | None = None) 
                     if dirty:
                         dirty = False
                         last = time.monotonic()
-                        yield [gr.update(), *previous]
+                        yield pack(gr.update(), previous)
                 if dirty:
-                    yield [gr.update(), *previous]
-                yield ["", *skip]
+                    yield pack(gr.update(), previous)
+                yield pack("", skip)
             finally:
                 if nxt is not None:
                     nxt.cancel()

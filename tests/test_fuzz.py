@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from server import ReplyOnPause, Stream
 from tests.test_websocket_reply import echo
 
-json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40)
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40)
 json_values = st.recursive(
     json_scalars,
     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),

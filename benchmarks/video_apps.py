@@ -1,0 +1,173 @@
+"""Face-detection video apps for ``benchmarks/bench_video.py`` (each served by its own uvicorn).
+
+Three ``Stream`` apps (``modality="video"``, ``mode="send-receive"``) over one real MTCNN
+detector (``models.detector.FaceDetector``, one per app process, device auto: CUDA when
+available, ``BATCHRTC_DEVICE`` overrides)::
+
+    python -m uvicorn benchmarks.video_apps:batched_stream  --port P --log-level warning
+    python -m uvicorn benchmarks.video_apps:perframe_stream --port P --log-level warning
+    python -m uvicorn benchmarks.video_apps:echo_stream     --port P --log-level warning
+
+* ``batched_stream``: a ``@batched`` handler. Every session's freshest frame goes through the
+  shared batcher; one ``detect`` + ``draw_boxes`` call per batch on the device, one
+  device->host copy of the whole batch, and per frame ``AdditionalOutputs`` with the boxes.
+* ``perframe_stream``: the FastRTC-style baseline, ``fn(frame_bgr) -> frame_bgr``: one model
+  call per frame (batch of 1), run on the server's handler thread pool like any user code.
+* ``echo_stream``: returns the frame untouched (no model): the transport + pipeline floor.
+
+Environment (read at import): ``BENCH_MAX_BATCH`` (64), ``BENCH_MAX_DELAY_MS`` (8),
+``BENCH_DEADLINE_MS`` (100), ``BENCH_CONCURRENCY`` (512), ``BENCH_WARMUP_HW`` (e.g.
+``480x640``: run the detector once at that size before serving, so the first measured frames
+do not pay CUDA start-up), ``BENCH_LOAD_DETECTOR`` (1; 0 skips loading it, for ``echo``).
+
+Each app also answers ``GET /_bench/stats`` (JSON: device, batcher stats, the sessions'
+summed received/processed/dropped video counters, CUDA memory) for the benchmark to read.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.detector import FaceDetector, draw_boxes
+from server import AdditionalOutputs, Stream
+from server.video import batched
+
+logger = logging.getLogger(__name__)
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name, "").strip()
+    return int(v) if v else default
+
+
+def _env_float(name: str, default: float) -> float:
+    v = os.environ.get(name, "").strip()
+    return float(v) if v else default
+
+
+MAX_BATCH = _env_int("BENCH_MAX_BATCH", 64)
+MAX_DELAY_MS = _env_float("BENCH_MAX_DELAY_MS", 8.0)
+DEADLINE_MS = _env_float("BENCH_DEADLINE_MS", 100.0)
+CONCURRENCY = _env_int("BENCH_CONCURRENCY", 512)
+STARTED = time.time()
+
+# One detector per app process (lazily, so `echo` and `--help`-style imports stay light).
+_DETECTOR: FaceDetector | None = None
+
+
+def detector() -> FaceDetector:
+    global _DETECTOR
+    if _DETECTOR is None:
+        _DETECTOR = FaceDetector()  # device: models.device.default_device()
+        logger.info("face detector on %s", _DETECTOR.device)
+    return _DETECTOR
+
+
+def _boxes_to_host(boxes: list[torch.Tensor]) -> list[list[list[float]]]:
+    """Per-frame ``[[x1, y1, x2, y2, score], ...]`` with one device->host copy for all."""
+    counts = [int(b.shape[0]) for b in boxes]
+    if sum(counts) == 0:
+        return [[] for _ in boxes]
+    flat = torch.cat([b for b in boxes if b.shape[0]]).float().cpu().numpy().round(1).tolist()
+    out, k = [], 0
+    for c in counts:
+        out.append(flat[k : k + c])
+        k += c
+    return out
+
+
+# ------------------------------------------------------------------------------- batched
+@batched(max_batch_size=MAX_BATCH, max_queue_delay_ms=MAX_DELAY_MS, deadline_ms=DEADLINE_MS)
+def detect_faces_batched(frames: torch.Tensor, args: list[tuple]) -> list[Any]:
+    """``frames``: uint8 RGB ``[B, H, W, 3]`` on the detector's device (the batcher put it there)."""
+    det = detector()
+    boxes = det.detect(frames)
+    drawn = draw_boxes(frames, boxes)
+    host = drawn.cpu().numpy()  # one transfer back for the whole batch
+    found = _boxes_to_host(boxes)
+    return [(host[i], AdditionalOutputs({"faces": len(found[i]), "boxes": found[i]}))
+            for i in range(host.shape[0])]
+
+
+# ------------------------------------------------------------------------------ per frame
+def detect_faces_perframe(frame_bgr: np.ndarray) -> np.ndarray:
+    """FastRTC-style handler: one BGR frame in, one BGR frame out, one model call."""
+    det = detector()
+    rgb = torch.from_numpy(np.ascontiguousarray(frame_bgr[..., ::-1]))[None].to(det.device)
+    boxes = det.detect(rgb)
+    out = draw_boxes(rgb, boxes)[0].cpu().numpy()
+    return np.ascontiguousarray(out[..., ::-1])
+
+
+def echo(frame_bgr: np.ndarray) -> np.ndarray:
+    return frame_bgr
+
+
+# ---------------------------------------------------------------------------------- apps
+def _stream(handler: Any) -> Stream:
+    stream = Stream(handler, modality="video", mode="send-receive", concurrency_limit=CONCURRENCY)
+
+    @stream.get("/_bench/stats")
+    def _stats() -> dict:  # sync route: runs on Starlette's thread pool, not the media loop
+        return bench_stats(stream)
+
+    return stream
+
+
+def bench_stats(stream: Stream) -> dict:
+    video = {"received": 0, "processed": 0, "dropped": 0}
+    for s in list(stream.sessions.values()):
+        v = getattr(s, "video", None)
+        if v is not None:
+            for k in video:
+                video[k] += int(getattr(v, k, 0))
+    h = stream.handler
+    b = getattr(h, "_batcher", None)  # never create the batcher just to read it
+    dev = _DETECTOR.device if _DETECTOR is not None else None
+    out: dict[str, Any] = {
+        "pid": os.getpid(),
+        "uptime_s": time.time() - STARTED,
+        "device": str(dev) if dev is not None else "none",
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "sessions": len(stream.sessions),
+        "video": video,
+        "batcher": b.stats.snapshot() if b is not None else None,
+        "config": {"max_batch": MAX_BATCH, "max_delay_ms": MAX_DELAY_MS,
+                   "deadline_ms": DEADLINE_MS, "concurrency": CONCURRENCY},
+    }
+    if dev is not None and dev.type == "cuda":
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        out["gpu_name"] = torch.cuda.get_device_name(idx)
+        out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(idx) / 2**20
+        out["cuda_reserved_mib"] = torch.cuda.memory_reserved(idx) / 2**20
+    return out
+
+
+def _warmup() -> None:
+    """Load the detector and run it once at the benchmark's frame size (and, on CUDA, at the
+    largest batch too): the first sessions then do not measure CUDA/kernel start-up."""
+    if os.environ.get("BENCH_LOAD_DETECTOR", "1") == "0":
+        return
+    det = detector()
+    hw = os.environ.get("BENCH_WARMUP_HW", "").strip()
+    if not hw:
+        return
+    h, w = (int(v) for v in hw.lower().split("x"))
+    sizes = [1] + ([MAX_BATCH] if det.device.type == "cuda" else [])
+    for b in sizes:
+        x = torch.full((b, h, w, 3), 110, dtype=torch.uint8, device=det.device)
+        draw_boxes(x, det.detect(x))
+    if det.device.type == "cuda":
+        torch.cuda.synchronize(det.device)
+
+
+_warmup()
+batched_stream = _stream(detect_faces_batched)
+perframe_stream = _stream(detect_faces_perframe)
+echo_stream = _stream(echo)
