@@ -101,6 +101,8 @@ def test_video_ui_processes_webcam_and_slider_reaches_handler(serve, browser: Br
     server = serve(stream)
     page = open_ui(browser, server.http)
     assert page.title() == "Invert (UI test)"
+    slider_input = page.locator("#level-slider input[type=range]")
+    slider_input.fill("30")  # before connecting: the value sent at connect must be this one
     page.click(".brtc-toggle")
 
     inverted = tuple(255 - c for c in LEFT_RGB)
@@ -120,7 +122,9 @@ def test_video_ui_processes_webcam_and_slider_reaches_handler(serve, browser: Br
     # the local preview shows the raw camera: the page really displays processed frames
     raw = page.evaluate(REGION_JS, [".brtc-local-video", 0.25, 0.5])
     assert raw and close_to(raw["rgb"], LEFT_RGB), raw
-    assert levels and levels[-1] == 10, levels[-5:]  # sent at connect (the slider's value)
+    # sent at connect: the page's value (30), not the component's initial one (10)
+    _, ok = poll(lambda: levels and levels[-1] == 30, 10, 0.1)
+    assert ok, f"the slider value was not sent at connect: {levels[-5:]}"
     n_calls = len(levels)
 
     webrtc_id = page_state(page)["webrtcId"]
@@ -128,7 +132,7 @@ def test_video_ui_processes_webcam_and_slider_reaches_handler(serve, browser: Br
     _, ok = poll(lambda: page.input_value("#batchrtc-webrtc-id textarea, #batchrtc-webrtc-id input") == webrtc_id, 10)
     assert ok, "the hidden webrtc_id textbox was not filled"
 
-    page.locator("#level-slider input[type=range]").fill("70")
+    slider_input.fill("70")
     _, ok = poll(lambda: levels and levels[-1] == 70, 10, 0.1)
     assert ok, f"slider value never reached the handler: {levels[-5:]}"
     assert len(levels) > n_calls
