@@ -201,3 +201,35 @@ class AsyncAudioVideoStreamHandler(AsyncStreamHandler):
 
 StreamHandlerImpl: TypeAlias = StreamHandler | AsyncStreamHandler
 AudioEventGenerator: TypeAlias = Generator[EmitType, None, None]
+
+
+class GeneratorSource(AsyncStreamHandler):
+    """`mode="receive"` audio from a plain generator function: the server streams what
+    `fn(*inputs)` yields (`(sample_rate, array)`, `AdditionalOutputs`, ...), then ends."""
+
+    def __init__(self, fn: Callable[..., Any], default_args: list[Any] | None = None) -> None:
+        super().__init__()
+        self.fn = fn
+        self.default_args = list(default_args or [])
+        self._gen: Any = None
+
+    def copy(self) -> GeneratorSource:
+        return GeneratorSource(self.fn, self.default_args)
+
+    async def receive(self, frame: Any) -> None:
+        return None
+
+    async def emit(self) -> EmitType:
+        import inspect
+
+        if self._gen is None:
+            args = self.latest_args[1:] if self.latest_args else self.default_args
+            self._gen = self.fn(*args)
+        if inspect.isasyncgen(self._gen):
+            try:
+                return await self._gen.__anext__()
+            except StopAsyncIteration:
+                return CloseStream("stream ended")
+        end = object()
+        item = await asyncio.to_thread(next, self._gen, end)
+        return CloseStream("stream ended") if item is end else item

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI, HTTPException, WebSocket
 
-from .handlers import DataChannel, StreamHandlerBase
+from .handlers import DataChannel, GeneratorSource, StreamHandlerBase
 from .reply_on_pause import ReplyOnPause
 from .session import Session
 from .utils import AdditionalOutputs
@@ -153,6 +153,8 @@ class Stream(FastAPI):
                 {"status": "failed", "meta": {"error": "concurrency_limit_reached", "limit": self.concurrency_limit}}
             )
         handler = self.handler.copy() if hasattr(self.handler, "copy") else self.handler
+        if self.mode == "receive" and self.modality == "audio" and not isinstance(handler, StreamHandlerBase):
+            handler = GeneratorSource(handler, self.default_args)
         if isinstance(handler, ReplyOnPause) and not handler.default_args:
             handler.default_args = list(self.default_args)
         session = Session(self, webrtc_id, handler, channel, kind=kind)

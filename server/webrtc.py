@@ -246,8 +246,8 @@ class WebRTCConnection:
                 self.pc.addTrack(self.video_pipeline.output)
         elif track.kind == "audio" and stream.modality in ("audio", "audio-video"):
             session.spawn(self._feed_audio(track), "audio_in")
-            if stream.mode == "send-receive":
-                self._start_audio_out()
+            # send mode: no audio back, but the handler's AdditionalOutputs still flow.
+            self._start_audio_out(send_media=stream.mode == "send-receive")
         else:
             session.spawn(self._drain(track), f"unused_{track.kind}")
 
@@ -257,12 +257,14 @@ class WebRTCConnection:
         if self.stream.modality in ("video", "audio-video"):
             self.pc.addTrack(GeneratedVideoTrack(self.session, self.stream))
 
-    def _start_audio_out(self) -> None:
+    def _start_audio_out(self, send_media: bool = True) -> None:
         if self.audio_out is not None:
             return
         rate = getattr(self.session.handler, "output_sample_rate", 24000)
         self.audio_out = AudioOutputTrack(rate)
-        self.pc.addTrack(self.audio_out)
+        self._send_audio = send_media
+        if send_media:
+            self.pc.addTrack(self.audio_out)
         self.session.spawn(self._emit_audio(), "audio_out")
 
     async def _drain(self, track: MediaStreamTrack) -> None:
@@ -320,7 +322,7 @@ class WebRTCConnection:
             frame, extra = split_output(item)
             if isinstance(extra, AdditionalOutputs):
                 self.session.push_outputs(extra)
-            if isinstance(frame, tuple) and len(frame) >= 2 and isinstance(frame[1], np.ndarray):
+            if self._send_audio and isinstance(frame, tuple) and len(frame) >= 2 and isinstance(frame[1], np.ndarray):
                 pcm = np.concatenate([carry, conv.convert(int(frame[0]), frame[1])])
                 n = pcm.size - pcm.size % step
                 for i in range(0, n, step):

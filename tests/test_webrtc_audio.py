@@ -43,3 +43,41 @@ async def test_reply_on_pause_over_webrtc(serve):
             break
         await asyncio.sleep(0.1)
     assert stream.active_sessions == 0
+
+
+async def test_receive_mode_streams_generated_audio(serve):
+    def tone():
+        t = np.arange(24000) / 24000
+        for _ in range(3):
+            yield 24000, (np.sin(2 * np.pi * 440 * t) * 12000).astype(np.int16).reshape(1, -1)
+
+    stream = Stream(tone, modality="audio", mode="receive", concurrency_limit=2)
+    server = serve(stream)
+    client, answer = await connect(server.http, "rx", recv_audio=True)
+    try:
+        assert answer["type"] == "answer", answer
+        await asyncio.sleep(2.5)
+        loud = [a for _, a in client.audio if np.abs(a.astype(np.int32)).mean() > 2000]
+        assert len(loud) > 40, len(loud)  # > 0.8 s of the tone arrived
+    finally:
+        await client.close()
+
+
+async def test_send_mode_delivers_additional_outputs(serve):
+    from server import AdditionalOutputs
+
+    def transcript(audio):
+        yield AdditionalOutputs(f"heard {audio[1].shape[1] / audio[0]:.1f} s")
+
+    stream = Stream(ReplyOnPause(transcript), modality="audio", mode="send", concurrency_limit=2,
+                    additional_outputs=[object()], additional_outputs_handler=lambda a, b: b)
+    server = serve(stream)
+    pcm = speech_48k("speech_pause_speech_16k.wav", tail_s=2.0)
+    client, answer = await connect(server.http, "tx", audio=AudioSource(pcm))
+    try:
+        assert answer["type"] == "answer", answer
+        await asyncio.sleep(pcm.size / 48000 + 1.0)
+        outs = [m["data"][0] for m in client.messages if m.get("type") == "fetch_output"]
+        assert len(outs) == 2 and all(o.startswith("heard") for o in outs), outs
+    finally:
+        await client.close()
