@@ -229,6 +229,39 @@ def _pin_ice_hosts() -> None:
         aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: list(addrs)
 
 
+def _patch_marker_jitter() -> None:
+    """Load generator only (``--client-jitter marker``): complete a received video frame when
+    its RTP marker packet (the frame's last) arrives, as libwebrtc/browsers do, instead of
+    aiortc's default of waiting for the first packet of the next frame (one frame interval
+    later). Never applied to the server."""
+    import aiortc.rtcrtpreceiver as rr
+    from aiortc.jitterbuffer import JitterBuffer, JitterFrame
+
+    if getattr(rr.JitterBuffer, "_bench_marker", False):
+        return
+
+    class MarkerJitterBuffer(JitterBuffer):
+        _bench_marker = True
+
+        def add(self, packet: Any) -> tuple[bool, Any]:
+            pli, frame = super().add(packet)
+            if frame is not None or not self._is_video or self._origin is None:
+                return pli, frame
+            parts, ts = [], None
+            for count in range(self._capacity):
+                p = self._packets[(self._origin + count) % self._capacity]
+                if p is None or (ts is not None and p.timestamp != ts):
+                    return pli, None
+                ts = p.timestamp
+                parts.append(p)
+                if p.marker:
+                    self.remove(count + 1)
+                    return pli, JitterFrame(data=b"".join(x._data for x in parts), timestamp=ts)
+            return pli, None
+
+    rr.JitterBuffer = MarkerJitterBuffer
+
+
 @dataclass
 class WorkerJob:
     base_url: str
@@ -244,6 +277,7 @@ class WorkerJob:
     tail_s: float
     connect_concurrency: int = 4
     cpus: list[int] | None = None
+    jitter: str = "aiortc"  # or "marker": see _patch_marker_jitter
 
 
 def _worker_main(conn: Any, job: WorkerJob) -> None:
@@ -254,6 +288,8 @@ def _worker_main(conn: Any, job: WorkerJob) -> None:
             with contextlib.suppress(OSError, AttributeError):
                 os.sched_setaffinity(0, job.cpus)
         _pin_ice_hosts()
+        if job.jitter == "marker":
+            _patch_marker_jitter()
         asyncio.run(_worker_async(conn, job))
     except BaseException:
         with contextlib.suppress(Exception):
@@ -504,7 +540,8 @@ class ServerProcess:
 
     def __init__(self, mode: str, *, max_batch: int, max_delay_ms: float, deadline_ms: float,
                  concurrency: int, warmup_hw: tuple[int, int] | None, device: str | None,
-                 cpus: list[int] | None, extra_env: dict[str, str], start_timeout_s: float = 180.0) -> None:
+                 cpus: list[int] | None, extra_env: dict[str, str], outputs: bool = True,
+                 start_timeout_s: float = 180.0) -> None:
         if mode not in APPS:
             raise ValueError(f"mode must be one of {sorted(APPS)}, got {mode!r}")
         self.mode = mode
@@ -523,6 +560,7 @@ class ServerProcess:
             "BENCH_DEADLINE_MS": str(deadline_ms),
             "BENCH_CONCURRENCY": str(concurrency),
             "BENCH_LOAD_DETECTOR": "0" if mode == "echo" else "1",
+            "BENCH_OUTPUTS": "1" if outputs else "0",
         })
         if warmup_hw:
             self.env["BENCH_WARMUP_HW"] = f"{warmup_hw[0]}x{warmup_hw[1]}"
@@ -541,7 +579,7 @@ class ServerProcess:
     @property
     def command(self) -> str:
         keys = ("BATCHRTC_ICE_HOSTS", "BATCHRTC_DEVICE", "BENCH_MAX_BATCH", "BENCH_MAX_DELAY_MS",
-                "BENCH_DEADLINE_MS", "BENCH_CONCURRENCY")
+                "BENCH_DEADLINE_MS", "BENCH_CONCURRENCY", "BENCH_OUTPUTS")
         envs = " ".join(f"{k}={self.env[k]}" for k in keys if k in self.env)
         i = self.argv.index(sys.executable)
         pre = " ".join(shlex.quote(a) for a in self.argv[:i])
@@ -627,7 +665,7 @@ class _NVML:
             self.nv = nv
             self.handles = [nv.nvmlDeviceGetHandleByIndex(i) for i in range(nv.nvmlDeviceGetCount())]
             if self.handles:
-                n = nv.nvmlDeviceGetName(self.handles[0])
+                n = nv.nvmlDeviceGetName(self.handles[self.default_index()])
                 self.name = n.decode() if isinstance(n, bytes) else str(n)
         except Exception:  # noqa: BLE001 - no driver / no GPU: GPU columns are "-"
             self.nv = None
@@ -637,13 +675,28 @@ class _NVML:
     def ok(self) -> bool:
         return self.nv is not None and bool(self.handles)
 
+    def default_index(self) -> int:
+        """The device the server's ``cuda``/``cuda:0`` is, when it cannot be found by pid:
+        the first CUDA_VISIBLE_DEVICES entry if numeric (a UUID one is matched), else 0."""
+        first = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+        if first.isdigit() and int(first) < len(self.handles):
+            return int(first)
+        if first:
+            for i, h in enumerate(self.handles):
+                with contextlib.suppress(Exception):
+                    uuid = self.nv.nvmlDeviceGetUUID(h)
+                    uuid = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
+                    if uuid.startswith(first) or first.startswith(uuid):
+                        return i
+        return 0
+
     def sample(self, pid: int) -> tuple[float, float, float | None] | None:
         """(util %, device memory used MiB, server pid's memory MiB) of the GPU the server uses
         (the first one it has memory on; else device 0)."""
         if not self.ok:
             return None
         nv = self.nv
-        pick, pid_mem = self.handles[0], None
+        pick, pid_mem = self.handles[self.default_index()], None
         for h in self.handles:
             try:
                 procs = nv.nvmlDeviceGetComputeRunningProcesses(h)
@@ -778,6 +831,8 @@ class StepOptions:
     connect_timeout_s: float = 30.0
     tail_s: float = 1.0
     keep_server_log: bool = False
+    client_jitter: str = "aiortc"
+    outputs: bool = True
 
 
 @dataclass
@@ -813,6 +868,7 @@ class StepResult:
     client_cpu_max_pct: float | None = None
     client_loop_max_pct: float | None = None
     machine_cpu_pct: float | None = None
+    other_cpu_pct: float | None = None  # machine - server - clients: this parent, other users' jobs
     gpu_util_pct: float | None = None
     gpu_mem_mib: float | None = None
     gpu_server_mem_mib: float | None = None
@@ -866,7 +922,10 @@ def _spawn_workers(ctx: Any, jobs: list[WorkerJob]) -> list[tuple[Any, Any]]:
 def _recv(conn: Any, kind: str, timeout: float) -> Any:
     if not conn.poll(timeout):
         raise TimeoutError(f"no {kind!r} from a client process in {timeout:.0f} s")
-    msg = conn.recv()
+    try:
+        msg = conn.recv()
+    except EOFError:
+        raise RuntimeError(f"a client process exited before sending {kind!r}") from None
     if msg[0] == "error":
         raise RuntimeError(f"client process failed:\n{msg[1]}")
     if msg[0] != kind:
@@ -883,7 +942,7 @@ def run_step(mode: str, n: int, opts: StepOptions, nvml: _NVML | None = None, lo
     server = ServerProcess(mode, max_batch=opts.max_batch, max_delay_ms=opts.max_delay_ms,
                            deadline_ms=opts.deadline_ms, concurrency=max(opts.concurrency, n + 1),
                            warmup_hw=(opts.height, opts.width), device=opts.device,
-                           cpus=opts.server_cpus, extra_env=opts.server_env)
+                           cpus=opts.server_cpus, extra_env=opts.server_env, outputs=opts.outputs)
     res.server_command = server.command
     workers: list[tuple[Any, Any]] = []
     sampler: Sampler | None = None
@@ -911,7 +970,7 @@ def run_step(mode: str, n: int, opts: StepOptions, nvml: _NVML | None = None, lo
                 phases=[(i * 37) % 4096 for i in mine], width=opts.width, height=opts.height, fps=opts.fps,
                 max_frames=max_frames, connect_timeout_s=opts.connect_timeout_s,
                 first_frame_timeout_s=first_frame_s, go_timeout_s=connect_budget + first_frame_s + 120,
-                tail_s=opts.tail_s, cpus=opts.client_cpus))
+                tail_s=opts.tail_s, cpus=opts.client_cpus, jitter=opts.client_jitter))
         workers = _spawn_workers(ctx, jobs)
         ready = [_recv(c, "ready", connect_budget + first_frame_s + 60) for _, c in workers]
         res.connected = sum(r["connected"] for r in ready)
@@ -932,6 +991,8 @@ def run_step(mode: str, n: int, opts: StepOptions, nvml: _NVML | None = None, lo
         done = [_recv(c, "done", opts.tail_s + 90) for _, c in workers]
         sampler.stop()
         res.__dict__.update(sampler.window(t_ws, t_we))
+        if None not in (res.machine_cpu_pct, res.server_cpu_pct, res.clients_cpu_pct):
+            res.other_cpu_pct = max(0.0, res.machine_cpu_pct - res.server_cpu_pct - res.clients_cpu_pct)
         sessions = [s for d in done for s in d["sessions"]]
         _aggregate(res, sessions, opts)
         if s1:
@@ -1064,6 +1125,9 @@ def bound_verdict(r: StepResult, cores: int, server_cpus: list[int] | None,
     if r.machine_cpu_pct is not None and r.machine_cpu_pct >= 0.9 * 100 * cores and not (server_cpus or client_cpus):
         flags.add("machine-cpu")
         ev.append(f"whole machine {r.machine_cpu_pct:.0f}% of {100 * cores}% (server and clients share the cores)")
+    if r.other_cpu_pct is not None and r.other_cpu_pct >= 25:
+        ev.append(f"other processes (not server, not clients) used {r.other_cpu_pct:.0f}% of a core during "
+                  "the window: the numbers are contended")
     if r.gpu_util_pct is not None and r.gpu_util_pct >= 80:
         flags.add("gpu")
         ev.append(f"GPU utilisation {r.gpu_util_pct:.0f}%")
@@ -1127,7 +1191,9 @@ def render_markdown(rows: list[StepResult], meta: dict[str, Any]) -> str:
         f"- server: `{rows[0].server_command if rows else '-'}` (fresh process per step)",
         f"- load: {o['width']}x{o['height']} @ {o['fps']:g} fps per session, warm-up {o['warmup']:g} s, "
         f"measured {o['duration']:g} s; client processes up to {o['client_procs']}; server cpus "
-        f"{o['server_cpus'] or 'all'}, client cpus {o['client_cpus'] or 'all'}",
+        f"{o['server_cpus'] or 'all'}, client cpus {o['client_cpus'] or 'all'}; client receive jitter "
+        f"buffer: {o['client_jitter']}; batched app sends per-frame AdditionalOutputs: "
+        f"{'no' if o.get('no_outputs') else 'yes'}",
         f"- batcher: max batch {o['max_batch']}, max delay {o['max_delay_ms']:g} ms, deadline {o['deadline_ms']:g} ms",
         "",
         "Columns: sent = frames/s each client actually sent; returned = processed frames/s each session "
@@ -1168,7 +1234,8 @@ def render_markdown(rows: list[StepResult], meta: dict[str, Any]) -> str:
             extra.append(f"fetch_output {_f(r.outputs_per_s, 1)}/s/session, {r.faces_per_output:.2f} faces each")
         if r.cuda_max_allocated_mib is not None:
             extra.append(f"torch max allocated {r.cuda_max_allocated_mib:,.0f} MiB")
-        extra.append(f"connected {r.connected}/{r.n} in {_f(r.connect_s, 1)} s, latencies n={r.lat_n}, "
+        extra.append(f"other CPU {_f(r.other_cpu_pct)}%; connected {r.connected}/{r.n} in {_f(r.connect_s, 1)} s, "
+                     f"latencies n={r.lat_n}, "
                      f"unreadable barcodes {r.unreadable}, client procs {r.client_procs}, busiest client "
                      f"{_f(r.client_cpu_max_pct)}% (loop {_f(r.client_loop_max_pct)}%), step {r.wall_s:.0f} s")
         if r.errors:
@@ -1222,6 +1289,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--client-cpus", default=None, help="pin the load generators to these cpus, e.g. 10-15")
     ap.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra environment for the server (repeatable), e.g. OMP_NUM_THREADS=4")
+    ap.add_argument("--client-jitter", choices=("aiortc", "marker"), default="aiortc",
+                    help="load generator's receive side: 'aiortc' (stock: a frame is complete when the next "
+                         "frame's first packet arrives, +1 frame interval) or 'marker' (complete on the RTP "
+                         "marker bit, as browsers do). The server is never changed. (default aiortc)")
+    ap.add_argument("--no-outputs", action="store_true",
+                    help="batched app returns frames only (no per-frame AdditionalOutputs / fetch_output "
+                         "data-channel message, like the per-frame baseline)")
     ap.add_argument("--quick", action="store_true",
                     help="N=1,2 at 320x240, 10 fps, 4 s measured, 2 s warm-up (~1 min on 2 cores)")
     ap.add_argument("--out", default=None, help="markdown path (JSON written next to it); default "
@@ -1260,26 +1334,28 @@ def options_from_args(args: argparse.Namespace) -> StepOptions:
                        max_delay_ms=args.max_delay_ms, deadline_ms=args.deadline_ms,
                        concurrency=args.concurrency, device=args.device, server_cpus=args.server_cpus,
                        client_cpus=args.client_cpus, server_env=args.server_env,
-                       keep_server_log=args.keep_server_log)
+                       keep_server_log=args.keep_server_log, client_jitter=args.client_jitter,
+                       outputs=not args.no_outputs)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace, argv: list[str] | None = None, log: Any = print) -> tuple[list[StepResult], dict[str, Any]]:
+    """Every (mode, N) step of ``args``; returns the rows and the report's metadata."""
     opts = options_from_args(args)
     nvml = _NVML()
+    cli = argv if argv is not None else sys.argv[1:]
     meta: dict[str, Any] = {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine_info(nvml),
-        "command": "python -m benchmarks.bench_video " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": "python -m benchmarks.bench_video " + " ".join(shlex.quote(a) for a in cli),
         "options": {k: getattr(args, k) for k in ("width", "height", "fps", "duration", "warmup", "client_procs",
                                                   "max_batch", "max_delay_ms", "deadline_ms", "concurrency",
                                                   "device", "server_cpus", "client_cpus", "server_env",
-                                                  "modes", "sessions", "quick")},
+                                                  "client_jitter", "no_outputs", "modes", "sessions", "quick")},
     }
     rows: list[StepResult] = []
-    print(f"bench_video: modes {args.modes}, N {args.sessions}, {args.width}x{args.height} @ {args.fps:g} fps, "
-          f"{args.warmup:g}+{args.duration:g} s, {args.client_procs} client procs", flush=True)
-    print(TABLE_HEAD, flush=True)
+    log(f"bench_video: modes {args.modes}, N {args.sessions}, {args.width}x{args.height} @ {args.fps:g} fps, "
+        f"{args.warmup:g}+{args.duration:g} s, {args.client_procs} client procs")
+    log(TABLE_HEAD)
     for mode in args.modes:
         for n in args.sessions:
             try:
@@ -1289,20 +1365,29 @@ def main(argv: list[str] | None = None) -> int:
                 r = StepResult(mode, n, opts.width, opts.height, opts.fps, opts.duration,
                                errors=[f"step failed: {type(e).__name__}: {str(e)[:300]}"])
             rows.append(r)
-            print(table_row(r), flush=True)
+            log(table_row(r))
     dev_rows = [r for r in rows if r.device not in ("-", "none")]
-    device = dev_rows[0].device if dev_rows else (args.device or "cpu")
-    meta["device"] = device
+    meta["device"] = dev_rows[0].device if dev_rows else (args.device or "cpu")
     meta["gpu_name"] = next((r.gpu_name for r in rows if r.gpu_name), None)
     meta["torch"] = next((r.torch for r in rows if r.torch != "-"), "-")
-    md = render_markdown(rows, meta)
+    return rows, meta
+
+
+def default_out(device: str, quick: bool) -> Path:
     tag = "cuda" if device.startswith("cuda") else device.replace(":", "")
-    out = Path(args.out) if args.out else RESULTS_DIR / f"bench_video_{tag}{'_quick' if args.quick else ''}.md"
+    return RESULTS_DIR / f"bench_video_{tag}{'_quick' if quick else ''}.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rows, meta = run(args, argv, log=lambda line: print(line, flush=True))
+    md = render_markdown(rows, meta)
+    out = Path(args.out) if args.out else default_out(meta["device"], args.quick)
     md_path, json_path = write_results(md, rows, meta, out)
     print()
     print(md)
     print(f"wrote {md_path} and {json_path}")
-    return 0
+    return 0 if rows and all(r.connected for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ available, ``BATCHRTC_DEVICE`` overrides)::
 * ``echo_stream``: returns the frame untouched (no model): the transport + pipeline floor.
 
 Environment (read at import): ``BENCH_MAX_BATCH`` (64), ``BENCH_MAX_DELAY_MS`` (8),
-``BENCH_DEADLINE_MS`` (100), ``BENCH_CONCURRENCY`` (512), ``BENCH_WARMUP_HW`` (e.g.
+``BENCH_DEADLINE_MS`` (100), ``BENCH_CONCURRENCY`` (512), ``BENCH_OUTPUTS`` (1; 0: the batched
+handler returns frames only, no per-frame ``AdditionalOutputs`` / data-channel message),
+``BENCH_WARMUP_HW`` (e.g.
 ``480x640``: run the detector once at that size before serving, so the first measured frames
 do not pay CUDA start-up), ``BENCH_LOAD_DETECTOR`` (1; 0 skips loading it, for ``echo``).
 
@@ -54,6 +56,7 @@ MAX_BATCH = _env_int("BENCH_MAX_BATCH", 64)
 MAX_DELAY_MS = _env_float("BENCH_MAX_DELAY_MS", 8.0)
 DEADLINE_MS = _env_float("BENCH_DEADLINE_MS", 100.0)
 CONCURRENCY = _env_int("BENCH_CONCURRENCY", 512)
+OUTPUTS = os.environ.get("BENCH_OUTPUTS", "1") != "0"
 STARTED = time.time()
 
 # One detector per app process (lazily, so `echo` and `--help`-style imports stay light).
@@ -89,6 +92,8 @@ def detect_faces_batched(frames: torch.Tensor, args: list[tuple]) -> list[Any]:
     boxes = det.detect(frames)
     drawn = draw_boxes(frames, boxes)
     host = drawn.cpu().numpy()  # one transfer back for the whole batch
+    if not OUTPUTS:
+        return [host[i] for i in range(host.shape[0])]
     found = _boxes_to_host(boxes)
     return [(host[i], AdditionalOutputs({"faces": len(found[i]), "boxes": found[i]}))
             for i in range(host.shape[0])]
@@ -139,7 +144,7 @@ def bench_stats(stream: Stream) -> dict:
         "video": video,
         "batcher": b.stats.snapshot() if b is not None else None,
         "config": {"max_batch": MAX_BATCH, "max_delay_ms": MAX_DELAY_MS,
-                   "deadline_ms": DEADLINE_MS, "concurrency": CONCURRENCY},
+                   "deadline_ms": DEADLINE_MS, "concurrency": CONCURRENCY, "outputs": OUTPUTS},
     }
     if dev is not None and dev.type == "cuda":
         idx = dev.index if dev.index is not None else torch.cuda.current_device()

@@ -212,7 +212,7 @@ PANEL_CSS = """
 .brtc { display: flex; flex-direction: column; gap: 10px; }
 .brtc-media { display: flex; gap: 10px; flex-wrap: wrap; }
 .brtc-fig { flex: 1 1 240px; margin: 0; display: flex; flex-direction: column; gap: 4px; }
-.brtc-fig video { width: 100%; aspect-ratio: 4 / 3; background: #111; border-radius: 8px; object-fit: contain; }
+.brtc-fig video { width: 100%; max-height: 60vh; aspect-ratio: 4 / 3; background: #111; border-radius: 8px; object-fit: contain; }
 .brtc-fig figcaption { font-size: 0.85em; color: var(--body-text-color-subdued); text-align: center; }
 .brtc-meters { display: flex; flex-direction: column; gap: 6px; padding: 8px 0; }
 .brtc-meter { display: flex; align-items: center; gap: 10px; }
@@ -482,11 +482,12 @@ def _component(gr: Any, obj: Any, index: int, kind: str) -> Any:
     """A Gradio component for an additional input/output; placeholders for anything else
     (FastRTC allows plain objects with `.value`, e.g. in tests)."""
     if isinstance(obj, gr.components.Component):
+        if kind == "output" and getattr(obj, "interactive", False) is None:
+            obj.interactive = False  # shown, not edited (it is also an input of the updates)
         return obj.render()
-    value = getattr(obj, "value", None)
     if kind == "input":
-        return gr.State(value=value)
-    return gr.JSON(value=None, label=f"output {index}")
+        return gr.State(value=getattr(obj, "value", None))
+    return gr.Textbox(value="", label=f"output {index}", interactive=False)
 
 
 def build_blocks(stream: Stream, loop: asyncio.AbstractEventLoop | None = None) -> Any:
@@ -557,7 +558,11 @@ def build_blocks(stream: Stream, loop: asyncio.AbstractEventLoop | None = None) 
             skip = [gr.update() for _ in outputs]
             if not webrtc_id:
                 return
-            previous = list(values[n_in:])
+            # Previous values: what the page shows (placeholders: the object's own `.value`).
+            previous = [
+                v if isinstance(c, gr.components.Component) else getattr(c, "value", None)
+                for c, v in zip(stream.additional_outputs, values[n_in:])
+            ]
             try:
                 push(webrtc_id, list(values[:n_in]))
                 stream_iter = stream.output_stream(webrtc_id)
@@ -590,9 +595,14 @@ def build_blocks(stream: Stream, loop: asyncio.AbstractEventLoop | None = None) 
                         except StopAsyncIteration:
                             break
                         try:
-                            new = merge(*previous, *item.args)
-                            if inspect.isawaitable(new):
-                                new = await new
+                            if inspect.iscoroutinefunction(merge):
+                                new = await merge(*previous, *item.args)
+                            else:  # user code stays off the event loop the media runs on
+                                new = await asyncio.get_running_loop().run_in_executor(
+                                    None, merge, *previous, *item.args
+                                )
+                                if inspect.isawaitable(new):
+                                    new = await new
                         except Exception as e:
                             logger.exception("additional_outputs_handler raised")
                             gr.Warning(f"additional_outputs_handler raised {type(e).__name__}: {e}")
@@ -629,11 +639,13 @@ def build_blocks(stream: Stream, loop: asyncio.AbstractEventLoop | None = None) 
         panel.stop(on_stop, inputs=None, outputs=None, trigger_mode="multiple", **common)
         if inputs:
             panel.submit(push_inputs_requested, inputs=inputs, outputs=None, trigger_mode="multiple", **common)
+            on_submit = args.get("send_input_on") == "submit"  # FastRTC's ui_args option
             for comp in inputs:
                 if isinstance(comp, gr.State):
                     continue
-                comp.change(push_inputs, inputs=[webrtc_box, *inputs], outputs=None,
-                            trigger_mode="always_last", **common)
+                listener = comp.submit if on_submit and hasattr(comp, "submit") else comp.change
+                listener(push_inputs, inputs=[webrtc_box, *inputs], outputs=None,
+                         trigger_mode="always_last", **common)
     return blocks
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
-from server import ReplyOnPause, Stream
+from server import AdditionalOutputs, ReplyOnPause, Stream
 from tests.test_websocket_reply import echo
 from tests.ui_support import (
     LEFT_RGB,
@@ -36,8 +36,8 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
     audio = write_speech_wav(media / "speech_48k.wav", SPEECH)
     with launch_chromium(video_file=video, audio_file=audio) as b:
         yield b
-    if b.blocked:
-        print(f"blocked outside requests: {b.blocked}")
+    if b.outside:
+        print(f"requests to outside hosts (not resolvable here): {b.outside}")
 
 
 def shot(page, name: str) -> None:
@@ -84,20 +84,31 @@ def open_ui(browser: Browser, url: str):
     return page
 
 
-def wait_sessions_closed(stream: Stream, timeout: float = 10.0) -> None:
-    _, ok = poll(lambda: stream.active_sessions == 0, timeout, 0.1)
+def wait_sessions_closed(stream: Stream, page, timeout: float = 10.0) -> None:
+    _, ok = poll(lambda: stream.active_sessions == 0, timeout, 0.1, page)
     assert ok, f"sessions still open after Stop: {list(stream.sessions)}"
 
 
 def test_video_ui_processes_webcam_and_slider_reaches_handler(serve, browser: Browser) -> None:
     levels: list[float] = []
+    merges: list[tuple] = []
 
     def invert(frame, level):
         levels.append(level)
-        return 255 - frame
+        return 255 - frame, AdditionalOutputs(level)
+
+    def merge(previous: str, level: float) -> str:  # FastRTC: (*previous values, *new args)
+        n = int(previous.split()[0]) + 1 if previous else 1
+        out = f"{n} outputs, last level {level:g}"
+        merges.append((previous, out))
+        return out
 
     slider = gr.Slider(0, 100, value=10, step=1, label="Level", elem_id="level-slider")
-    stream = Stream(invert, modality="video", additional_inputs=[slider], ui_args={"title": "Invert (UI test)"})
+    seen = gr.Textbox(label="Handler saw", value="", elem_id="seen-box")
+    stream = Stream(
+        invert, modality="video", additional_inputs=[slider], additional_outputs=[seen],
+        additional_outputs_handler=merge, ui_args={"title": "Invert (UI test)"},
+    )
     server = serve(stream)
     page = open_ui(browser, server.http)
     assert page.title() == "Invert (UI test)"
@@ -116,31 +127,35 @@ def test_video_ui_processes_webcam_and_slider_reaches_handler(serve, browser: Br
         return None
 
     processed.last = None  # type: ignore[attr-defined]
-    got, ok = poll(processed, 25)
+    got, ok = poll(processed, 25, page=page)
     assert ok, f"no processed video in the page: last {processed.last}, state {page_state(page)}, console {browser.console[-10:]}"
     assert got["left"]["w"] > 0
     # the local preview shows the raw camera: the page really displays processed frames
     raw = page.evaluate(REGION_JS, [".brtc-local-video", 0.25, 0.5])
     assert raw and close_to(raw["rgb"], LEFT_RGB), raw
     # sent at connect: the page's value (30), not the component's initial one (10)
-    _, ok = poll(lambda: levels and levels[-1] == 30, 10, 0.1)
+    _, ok = poll(lambda: levels and levels[-1] == 30, 10, 0.1, page)
     assert ok, f"the slider value was not sent at connect: {levels[-5:]}"
     n_calls = len(levels)
 
     webrtc_id = page_state(page)["webrtcId"]
     assert webrtc_id in stream.sessions
-    _, ok = poll(lambda: page.input_value("#batchrtc-webrtc-id textarea, #batchrtc-webrtc-id input") == webrtc_id, 10)
+    _, ok = poll(lambda: page.input_value("#batchrtc-webrtc-id textarea") == webrtc_id, 10, page=page)
     assert ok, "the hidden webrtc_id textbox was not filled"
 
     slider_input.fill("70")
-    _, ok = poll(lambda: levels and levels[-1] == 70, 10, 0.1)
+    _, ok = poll(lambda: levels and levels[-1] == 70, 10, 0.1, page)
     assert ok, f"slider value never reached the handler: {levels[-5:]}"
     assert len(levels) > n_calls
+    # the additional output reaches the page through the merge handler
+    _, ok = poll(lambda: "last level 70" in page.input_value("#seen-box textarea"), 10, 0.1, page)
+    assert ok, f"additional output not shown: {page.input_value('#seen-box textarea')!r}"
+    assert merges[0][0] == "" and all(m[0] == p[1] for p, m in zip(merges, merges[1:]))  # chained
     page.wait_for_timeout(300)
     shot(page, "ui_video.png")
 
     page.click(".brtc-toggle")  # Stop
-    wait_sessions_closed(stream)
+    wait_sessions_closed(stream, page)
     assert page_state(page)["status"] == "Stopped"
     page.close()
 
@@ -166,7 +181,7 @@ def test_audio_ui_reply_on_pause(serve, browser: Browser) -> None:
         return None
 
     replied.last = None  # type: ignore[attr-defined]
-    state, ok = poll(replied, 20)
+    state, ok = poll(replied, 20, page=page)
     assert ok, f"no reply within 20 s: {replied.last}, utterances {utterances}, console {browser.console[-10:]}"
     assert "Started talking" in state["logs"]
     assert utterances[0][0] == 1 and utterances[0][1] > 48000 * 0.5, utterances  # (1, n) at 48 kHz
@@ -177,5 +192,5 @@ def test_audio_ui_reply_on_pause(serve, browser: Browser) -> None:
     shot(page, "ui_audio.png")
 
     page.click(".brtc-toggle")  # Stop
-    wait_sessions_closed(stream)
+    wait_sessions_closed(stream, page)
     page.close()

@@ -36,6 +36,10 @@ CHROMIUM_FLAGS = [
     "--use-fake-device-for-media-stream",
     "--autoplay-policy=no-user-gesture-required",
     "--allow-loopback-in-peer-connection",
+    # Nothing but loopback resolves: the page cannot reach outside hosts (done in the
+    # browser, not with Playwright request routing, which would stall every request
+    # while the test thread sleeps).
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost",
 ]
 
 
@@ -92,11 +96,11 @@ def write_speech_wav(path: Path, source: Path, tail_s: float = 3.0) -> Path:
 
 
 class Browser:
-    """One Chromium with a fresh profile; records what the pages tried to reach outside."""
+    """One Chromium with a fresh profile; records what its pages tried to reach outside."""
 
     def __init__(self, context: Any) -> None:
         self.context = context
-        self.blocked: list[str] = []
+        self.outside: list[str] = []
         self.console: list[str] = []
 
     def new_page(self) -> Any:
@@ -129,15 +133,13 @@ def launch_chromium(*, video_file: Path | None = None, audio_file: Path | None =
             )
             browser = Browser(context)
 
-            def only_loopback(route: Any) -> None:
-                host = urlsplit(route.request.url).hostname or ""
-                if host in ("127.0.0.1", "localhost", "::1") or route.request.url.startswith(("data:", "blob:")):
-                    route.continue_()
-                else:
-                    browser.blocked.append(route.request.url)
-                    route.abort()
+            def outside(request: Any) -> None:  # recorded only; the resolver rules block them
+                url = request.url
+                host = urlsplit(url).hostname or ""
+                if not url.startswith(("data:", "blob:")) and host not in ("127.0.0.1", "localhost", "::1"):
+                    browser.outside.append(url)
 
-            context.route("**/*", only_loopback)
+            context.on("request", outside)
             try:
                 yield browser
             finally:
@@ -146,11 +148,15 @@ def launch_chromium(*, video_file: Path | None = None, audio_file: Path | None =
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def poll(fn: Callable[[], Any], timeout: float, interval: float = 0.2) -> tuple[Any, bool]:
-    """Call `fn` until it returns something truthy or `timeout` passes: (last value, ok)."""
+def poll(fn: Callable[[], Any], timeout: float, interval: float = 0.2, page: Any = None) -> tuple[Any, bool]:
+    """Call `fn` until it returns something truthy or `timeout` passes: (last value, ok).
+    With `page`, waits through Playwright so its events keep being delivered meanwhile."""
     deadline = time.monotonic() + timeout
     value = fn()
     while not value and time.monotonic() < deadline:
-        time.sleep(interval)
+        if page is not None:
+            page.wait_for_timeout(interval * 1000)
+        else:
+            time.sleep(interval)
         value = fn()
     return value, bool(value)
