@@ -40,7 +40,7 @@ sessions with p95 overhead < 100 ms, all replies and 0 errors.
 Usage::
 
     python -m benchmarks.bench_reply                          # full run, ~5-10 min on 2 cores
-    python -m benchmarks.bench_reply --quick                  # < 60 s smoke (N = 1, 10)
+    python -m benchmarks.bench_reply --quick                  # < 60 s smoke (N = 1, 10), *_quick.md
     python -m benchmarks.bench_reply --sessions 50,100 --modes batched --frame-ms 40
 
 Writes ``benchmarks/results/bench_reply.md`` (``--out``), ``.json`` (raw numbers) and
@@ -954,6 +954,11 @@ def render_markdown(rows: list[StepResult], meta: dict[str, Any]) -> str:
         TABLE_HEADER,
         *[table_row(r) for r in rows],
         "",
+        "Latency percentiles are over the replies that did arrive: a row with missing replies "
+        "understates its latency (a missing reply was still queued in the server when its session "
+        f"sent `stop`, {meta.get('listen_s', '?')} s after its last frame). `other CPU %` well above 0 means "
+        "other jobs competed for the same cores during that row.",
+        "",
         f"Target: on this machine >= {TARGET_SESSIONS} concurrent real-time ReplyOnPause sessions with "
         f"p95 overhead < {TARGET_OVERHEAD_P95_MS:.0f} ms and 0 errors.",
         *meta["verdict_lines"],
@@ -1040,7 +1045,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--stop-after-fail", type=int, default=0,
                     help="skip larger N in a mode after this many consecutive failing rows (0 = never)")
     ap.add_argument("--quick", action="store_true", help="< 60 s smoke: N=1,10, one fixture, 4 s of it")
-    ap.add_argument("--out", default=str(RESULTS_DIR / "bench_reply.md"), help="markdown output (.json/.png next to it)")
+    ap.add_argument("--out", default=None,
+                    help="markdown output, .json/.png next to it (default benchmarks/results/bench_reply.md, "
+                    "bench_reply_quick.md with --quick)")
     ap.add_argument("--no-plot", action="store_true")
     a = ap.parse_args(argv)
     if a.quick:
@@ -1049,6 +1056,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             a.fixtures = FIXTURES[0]
         a.max_audio_s = a.max_audio_s or 3.5
         a.listen_s = min(a.listen_s, 1.5)
+    a.out = a.out or str(RESULTS_DIR / ("bench_reply_quick.md" if a.quick else "bench_reply.md"))
     a.sessions = [int(x) for x in (a.sessions or DEFAULT_SESSIONS).split(",") if x.strip()]
     a.modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     for m in a.modes:
@@ -1123,6 +1131,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'with' if opts.compression else 'without'} permessage-deflate, starts staggered over "
         f"{a.stagger_s} s, listening {a.listen_s} s after the last frame",
         "frame_ms": a.frame_ms,
+        "listen_s": a.listen_s,
         "fixtures": a.fixtures,
         "expected_per_fixture": {w.name: len(w.pause_frames) for w in workloads},
         "floor_p50": float(np.median(floors)) if floors else None,

@@ -1087,6 +1087,9 @@ TABLE_HEAD = ("| mode | N | sent fps/sess | returned fps/sess mean | min | e2e p
               "| GPU util % | GPU mem MiB | mean batch |")
 
 
+TABLE_SEP = "|---|---:|" + "---:|" * (TABLE_HEAD.count("|") - 3)
+
+
 def table_row(r: StepResult) -> str:
     b = r.batcher or {}
     gmem = r.gpu_server_mem_mib if r.gpu_server_mem_mib is not None else r.gpu_mem_mib
@@ -1150,7 +1153,9 @@ def bound_verdict(r: StepResult, cores: int, server_cpus: list[int] | None,
         order = ["gpu", "server-loop", "server-cpu", "machine-cpu", "clients"]
         names = {"gpu": "the GPU is busy", "server-loop": "the server's event-loop thread is saturated",
                  "server-cpu": "the server CPU is saturated",
-                 "machine-cpu": "the machine's CPU is saturated (server + load generators)",
+                 "machine-cpu": "the machine's CPU is saturated (server + load generators"
+                                + (f"; other processes took {r.other_cpu_pct:.0f}% of a core: re-run on an idle machine)"
+                                   if r.other_cpu_pct is not None and r.other_cpu_pct >= 25 else ")"),
                  "clients": "the load generators are saturated (server numbers are a lower bound)"}
         first = [f for f in order if f in flags]
         verdict = "bound by: " + "; ".join(names[f] for f in first)
@@ -1204,9 +1209,17 @@ def render_markdown(rows: list[StepResult], meta: dict[str, Any]) -> str:
         "device's) used memory.",
         "",
         TABLE_HEAD,
-        "|" + "---|" * (TABLE_HEAD.count("|") - 1),
+        TABLE_SEP,
     ]
     lines += [table_row(r) for r in rows]
+    iv = 1000.0 / o["fps"]
+    hops = 1 if o.get("client_jitter") == "marker" else 2
+    lines += ["", f"Latency floor from the transport alone: aiortc's video jitter buffer completes a frame only "
+              f"when the next frame's first packet arrives, so each aiortc receiver adds ~1 frame interval "
+              f"({iv:.0f} ms at {o['fps']:g} fps). Here {hops} such receiver(s) are on the path "
+              f"({'the server only: clients complete frames on the RTP marker bit' if hops == 1 else 'server and load generator'})"
+              f": ~{hops * iv:.0f} ms of every e2e number is that, not processing (`--modes echo` measures it; "
+              "a browser client completes frames on the marker bit and does not add its hop)."]
     lines += ["", "## What bounds the result (largest N per mode)", ""]
     for mode in dict.fromkeys(r.mode for r in rows):
         rs = [r for r in rows if r.mode == mode]
@@ -1356,6 +1369,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None, log: Any = prin
     log(f"bench_video: modes {args.modes}, N {args.sessions}, {args.width}x{args.height} @ {args.fps:g} fps, "
         f"{args.warmup:g}+{args.duration:g} s, {args.client_procs} client procs")
     log(TABLE_HEAD)
+    log(TABLE_SEP)
     for mode in args.modes:
         for n in args.sessions:
             try:

@@ -733,7 +733,7 @@ def telephone_page(stream: Any, request: Request) -> str:
         ('<code>{"event": "clear", "streamSid": SID}</code>',
          "the caller spoke over a reply (<code>ReplyOnPause(can_interrupt=True)</code>): drop buffered audio"),
         ('<code>{"type": TYPE, "data"/"message": ...}</code>',
-         "FastRTC's data-channel messages (below); a provider ignores them"),
+         "FastRTC's data-channel messages (below); Twilio does not use them"),
         ('<code>{"status": "failed", "meta": {"error": "concurrency_limit_reached", "limit": N}}</code>',
          f"a call over the limit ({stream.concurrency_limit}; phone calls count with every other "
          "connection); then close 1008"),

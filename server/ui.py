@@ -89,18 +89,18 @@ class LazyGradioUI:
             # First request, or the stream is served again on a new event loop: (re)build.
             self._stack = None  # a stack from a dead loop cannot be exited: drop it
             t0 = time.perf_counter()
-            holder = await loop.run_in_executor(None, self._build, loop)
+            holder, gradio_app, blocks = await loop.run_in_executor(None, self._build, loop)
             stack = contextlib.AsyncExitStack()
             # Gradio's lifespan: starts its queue on this loop (what mount_gradio_app's
             # wrapped lifespan does at startup; the stream's own startup ran long ago).
             await stack.enter_async_context(holder.router.lifespan_context(holder))
             self._stack = stack
-            self._loop = loop
+            self.gradio_app, self.blocks, self._loop = gradio_app, blocks, loop
             self.build_seconds = time.perf_counter() - t0
             logger.info("built the Gradio /ui in %.2f s", self.build_seconds)
             return self.gradio_app
 
-    def _build(self, loop: asyncio.AbstractEventLoop) -> Any:
+    def _build(self, loop: asyncio.AbstractEventLoop) -> tuple[Any, Any, Any]:
         with self._build_lock:
             import gradio as gr
             from fastapi import FastAPI
@@ -121,9 +121,7 @@ class LazyGradioUI:
                 theme=gr.themes.Default(),
             )
             mounted = [r for r in holder.routes if isinstance(r, Mount) and r.path == UI_PATH]
-            self.gradio_app = mounted[-1].app
-            self.blocks = blocks
-            return holder
+            return holder, mounted[-1].app, blocks
 
     async def aclose(self) -> None:
         stack, self._stack = self._stack, None

@@ -100,9 +100,12 @@ class VADEngine:
     def _run_batch(self, items: list[_Work]) -> list[np.ndarray]:
         dev = self.device
         rate = items[0].rate
-        x = torch.from_numpy(np.stack([w.samples for w in items]))
-        if dev.type == "cuda":
-            x = x.pin_memory().to(dev, non_blocking=True)
+        if dev.type == "cuda":  # stack straight into pinned memory, then copy asynchronously
+            host = torch.empty((len(items), items[0].samples.shape[0]), pin_memory=True)
+            np.stack([w.samples for w in items], out=host.numpy())
+            x = host.to(dev, non_blocking=True)
+        else:
+            x = torch.from_numpy(np.stack([w.samples for w in items]))
         slots = [w.stream.slot for w in items]
         k_host = [w.n_windows for w in items]
         with torch.inference_mode():
@@ -168,6 +171,7 @@ class VADStream:
                 raise
             self.hist_generation = table.generation(self.hist_slot)
             self._up, self._down = rs.up, rs.down
+        engine.batcher.add_producer()  # see DynamicBatcher's "nothing more can arrive" rule
         self._carry = np.zeros(0, dtype=np.float32)  # < `down` input samples not yet usable
         self._pending = 0
         self._lock = asyncio.Lock()
@@ -217,6 +221,7 @@ class VADStream:
         if self.closed:
             return
         self.closed = True
+        self.engine.batcher.remove_producer()
         self.engine.state.release(self.slot)
         if self.hist_slot >= 0:
             self.engine._histories[self.sample_rate].release(self.hist_slot)

@@ -418,6 +418,11 @@ class VideoPipeline:
         self.processed = 0
         self.dropped = 0
         session.video = self  # type: ignore[attr-defined]
+        if self.batched:
+            # Tell the batcher how many sessions feed it, so a batch holding a frame from
+            # every one of them runs at once instead of waiting out max_queue_delay.
+            handler.batcher.add_producer()
+            session.on_close(handler.batcher.remove_producer)
         session.spawn(self._read(), "video_in")
         session.spawn(self._work(), "video_work")
 

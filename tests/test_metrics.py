@@ -181,6 +181,13 @@ async def test_two_streams_each_serve_their_own_metrics(serve):
 
     sv, _ = await scrape(v_srv.http)
     assert not has(sv, "batchrtc_batcher_up", batcher="video:metrics_probe")  # not created yet
+    try:
+        await _check_two_streams(metrics_probe, audio, video, a_srv, v_srv)
+    finally:
+        metrics_probe.close()
+
+
+async def _check_two_streams(metrics_probe, audio, video, a_srv, v_srv) -> None:
     out = await metrics_probe.submit(np.zeros((4, 6, 3), np.uint8), ())
     assert out.shape == (4, 6, 3) and out.max() == 255
 

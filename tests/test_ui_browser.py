@@ -153,6 +153,7 @@ def test_video_ui_processes_webcam_and_slider_reaches_handler(serve, browser: Br
     assert merges[0][0] == "" and all(m[0] == p[1] for p, m in zip(merges, merges[1:]))  # chained
     page.wait_for_timeout(300)
     shot(page, "ui_video.png")
+    print(f"handler calls {len(levels)}, merges {len(merges)}")
 
     page.click(".brtc-toggle")  # Stop
     wait_sessions_closed(stream, page)
