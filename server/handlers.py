@@ -82,6 +82,8 @@ class StreamHandlerBase(ABC):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._phone_mode = False
         self._clear_queue: Callable[[], None] | None = None
+        # Set by the session: how a handler reports an error it caught itself.
+        self._report_error: Callable[[BaseException], None] | None = None
         self.args_set = asyncio.Event()
         self.channel_set = asyncio.Event()
 

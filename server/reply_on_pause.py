@@ -30,7 +30,7 @@ from silero_vad.utils_vad import get_speech_timestamps_from_probs  # noqa: E402
 torch.set_num_threads(_threads)
 
 from .handlers import AsyncStreamHandler, EmitType
-from .utils import WebRTCError, create_message, to_mono
+from .utils import create_message, to_mono
 from .vad_engine import VAD_RATE, WINDOW, VADStream, get_vad_engine
 
 logger = logging.getLogger(__name__)
@@ -225,7 +225,10 @@ class ReplyOnPause(AsyncStreamHandler):
             raise
         except Exception as e:  # the handler's fault: tell this client, keep the session
             logger.exception("ReplyOnPause handler raised")
-            await self.send_message(create_message("error", str(e) if isinstance(e, WebRTCError) else f"{type(e).__name__}: {e}"))
+            if self._report_error is not None:
+                self._report_error(e)
+            else:
+                await self.send_message(create_message("error", f"{type(e).__name__}: {e}"))
 
     async def _put(self, item: EmitType, first: bool) -> bool:
         if item is None:

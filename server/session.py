@@ -10,6 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from . import metrics
 from .handlers import AsyncStreamHandler, DataChannel, StreamHandlerBase
 from .utils import (
     AdditionalOutputs,
@@ -67,6 +68,7 @@ class Session:
         if isinstance(handler, StreamHandlerBase):
             handler._loop = self.loop
             handler.set_channel(channel)
+            handler._report_error = self.report_handler_error
 
     # -- tasks -----------------------------------------------------------------------------
     def spawn(self, coro: Any, name: str) -> asyncio.Task:
@@ -99,6 +101,7 @@ class Session:
 
     def report_handler_error(self, e: BaseException) -> None:
         """A handler raised: tell this client; other sessions never see it."""
+        metrics.record_handler_error(self, e)
         if isinstance(e, Warning):
             self.send(create_message("warning", e.message))
             return
@@ -218,4 +221,5 @@ class Session:
         if self.outputs.full():
             self.outputs.get_nowait()
         self.outputs.put_nowait(None)
+        metrics.session_closed(self)
         self.stream._unregister(self)
