@@ -93,6 +93,7 @@ TARGET_OVERHEAD_P95_MS = 100.0
 DEFAULT_SESSIONS = "1,25,50,100,150,200,250,300"
 QUICK_SESSIONS = "1,10"
 VAD_STATS_PATH = "/_bench/vad_stats"
+BARGE_IN_WINDOW_S = 0.6  # > the 0.5 s piece spacing of the paced echo reply
 
 
 # =============================================================================== workload
@@ -617,6 +618,9 @@ class StepResult:
     overhead_ms: list[float] = field(default_factory=list)
     detect_ms: list[float] = field(default_factory=list)
     floor_ms: list[float] = field(default_factory=list)
+    # per entry of overhead_ms: the previous reply of that session was still being streamed
+    # (media arrived < BARGE_IN_WINDOW_S before the pause frame was sent)
+    barge_in: list[bool] = field(default_factory=list)
     replies_expected: int = 0
     replies_ok: int = 0
     errors: int = 0
@@ -645,6 +649,10 @@ class StepResult:
 
     def pct(self, name: str, q: float) -> float | None:
         v = getattr(self, name)
+        return float(np.percentile(v, q)) if v else None
+
+    def overhead_pct_no_barge_in(self, q: float) -> float | None:
+        v = [o for o, b in zip(self.overhead_ms, self.barge_in) if not b]
         return float(np.percentile(v, q)) if v else None
 
 
@@ -815,6 +823,7 @@ def _score_client(res: StepResult, cl: dict, wl: Workload, t0: float, frame_s: f
         res.overhead_ms.append((first - sent) * 1e3)
         res.e2r_ms.append((first - (base + wl.speech_end_s[j])) * 1e3)
         res.floor_ms.append((wl.pause_chunk_end_s[j] - wl.speech_end_s[j]) * 1e3)
+        res.barge_in.append(any(sent - BARGE_IN_WINDOW_S <= t <= sent for t in media))
         if j < len(pause_at):
             res.detect_ms.append((pause_at[j] - sent) * 1e3)
             if pause_at[j] < sent:
@@ -869,14 +878,26 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def code_version() -> str:
+    """HEAD commit and whether the server-side code differs from it (read-only git calls)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "server", "batching", "models"],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head or 'unknown'}{' + uncommitted server/batching/models changes' if dirty else ''}"
+
+
 def _f(v: float | None, nd: int = 0) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
 
 
 TABLE_HEADER = (
     "| mode | N | replies ok/expected | errors | e2r p50 | e2r p95 | e2r p99 | overhead p50 | overhead p95 "
-    "| overhead p99 | detect p95 | server CPU % | server RSS MB | client CPU % | other CPU % | client send lag p99 ms |\n"
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "| overhead p99 | overhead p95 w/o barge-in (n barge-in) | detect p95 | server CPU % | server RSS MB | client CPU % | other CPU % | client send lag p99 ms |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
@@ -885,6 +906,7 @@ def table_row(r: StepResult) -> str:
         f"| {r.mode} | {r.n} | {r.replies_ok}/{r.replies_expected} | {r.errors} "
         f"| {_f(r.pct('e2r_ms', 50))} | {_f(r.pct('e2r_ms', 95))} | {_f(r.pct('e2r_ms', 99))} "
         f"| {_f(r.pct('overhead_ms', 50))} | {_f(r.pct('overhead_ms', 95))} | {_f(r.pct('overhead_ms', 99))} "
+        f"| {_f(r.overhead_pct_no_barge_in(95))} ({sum(r.barge_in)}) "
         f"| {_f(r.pct('detect_ms', 95))} | {_f(r.server_cpu_pct)} | {_f(r.server_rss_mb)} "
         f"| {_f(r.client_cpu_pct)} | {_f(r.other_cpu_pct)} | {_f(r.client_send_lag_ms.get('p99'), 1)} |"
     )
@@ -931,7 +953,7 @@ def render_markdown(rows: list[StepResult], meta: dict[str, Any]) -> str:
         f"{m.get('memory_gib', '?')} GiB; Python {m['python']}, torch {m.get('torch')}, "
         f"websockets {m.get('websockets')}, uvicorn {m.get('uvicorn')}; no GPU used; "
         f"load average when the run started {m.get('loadavg_at_start')} (the machine is shared)",
-        f"- command: `{meta['command']}`",
+        f"- command: `{meta['command']}`; code: {meta.get('code_version', 'unknown')}",
         f"- server: `{meta['server_command']}` (fresh process per row, one unmeasured warm-up session; "
         "`batched` = `BATCHRTC_VAD_MAX_BATCH=512`, `unbatched` = `BATCHRTC_VAD_MAX_BATCH=1`)",
         f"- clients: {meta['client_desc']}",
@@ -945,7 +967,9 @@ def render_markdown(rows: list[StepResult], meta: dict[str, Any]) -> str:
         "",
         "Columns: `e2r` = end of speech -> first reply byte (ms); `overhead` = send of the frame that "
         "completed the pause chunk -> first reply byte (ms, the server-added latency); `detect` = that "
-        "frame -> `pause_detected` log (ms); CPU in % of one core over the steady window (all sessions "
+        "frame -> `pause_detected` log (ms); `w/o barge-in` = overhead p95 over the utterances whose "
+        "pause came while the session's previous reply was NOT still being streamed (the count in "
+        "brackets is how many were: there the new reply queues behind the old one's pacing); CPU in % of one core over the steady window (all sessions "
         "streaming; the machine has "
         f"{100 * m['usable_cpus']} %), `other` = the rest of the machine in that window (this driver, "
         "other jobs); RSS = peak during the row; client send lag = how late the load "
@@ -993,6 +1017,9 @@ def step_to_json(r: StepResult) -> dict[str, Any]:
         d[name] = [round(x, 2) for x in d[name]]
     d["floor_ms"] = [round(x, 2) for x in d["floor_ms"]]
     d["other_cpu_pct"] = r.other_cpu_pct
+    d["overhead_no_barge_in_pcts_ms"] = {
+        q: r.overhead_pct_no_barge_in(p) for q, p in (("p50", 50), ("p95", 95), ("p99", 99))
+    }
     d["passes_target_criteria"] = passes(r)
     return d
 
@@ -1070,6 +1097,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     command = "python -m benchmarks.bench_reply " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     t_all = time.monotonic()
+    code_version_at_start = code_version()
     print(f"building workloads ({len(a.fixtures)} fixture(s), {a.frame_ms} ms frames) ...", flush=True)
     workloads = build_workloads(a.fixtures, frame_ms=a.frame_ms, tail_s=a.tail_s, max_audio_s=a.max_audio_s)
     for w in workloads:
@@ -1126,6 +1154,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine_info(),
         "command": command,
+        "code_version": code_version_at_start,
         "server_command": server_command or "python -m uvicorn server.app:stream --port P --log-level warning",
         "client_desc": f"{kdesc} spawn process(es), one asyncio loop each, websockets "
         f"{'with' if opts.compression else 'without'} permessage-deflate, starts staggered over "

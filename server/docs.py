@@ -76,7 +76,7 @@ import numpy as np
 import websockets
 from scipy.signal import resample_poly
 
-URL = "@URL@"
+URL = @URL@
 INPUT_RATE = @INPUT_RATE@  # Hz of the mu-law samples the server expects
 OUTPUT_RATE = @OUTPUT_RATE@  # Hz of the mu-law samples the server sends back
 FRAME_MS = 20
@@ -165,9 +165,9 @@ from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame, VideoFrame
 from scipy.signal import resample_poly
 
-BASE_URL = "@BASE_URL@"  # the offer goes to BASE_URL + "/webrtc/offer"
-MODALITY = "@MODALITY@"  # "audio", "video" or "audio-video"
-MODE = "@MODE@"  # "send-receive", "send" (to the server only) or "receive" (from it only)
+BASE_URL = @BASE_URL@  # the offer goes to BASE_URL + "/webrtc/offer"
+MODALITY = @MODALITY@  # "audio", "video" or "audio-video"
+MODE = @MODE@  # "send-receive", "send" (to the server only) or "receive" (from it only)
 SEND = MODE in ("send-receive", "send")
 RECEIVE = MODE in ("send-receive", "receive")
 
@@ -328,7 +328,7 @@ import numpy as np
 import websockets
 from scipy.signal import resample_poly
 
-BASE_URL = "@BASE_URL@"  # the webhook is BASE_URL + "/telephone/incoming"
+BASE_URL = @BASE_URL@  # the webhook is BASE_URL + "/telephone/incoming"
 RATE = 8000  # phone audio both ways: 8 kHz mu-law
 FRAME = 160  # samples per media message (20 ms)
 @CODEC_AND_WAV@
@@ -424,7 +424,8 @@ if __name__ == "__main__":
 def _fill(template: str, **values: Any) -> str:
     out = template.replace("@CODEC_AND_WAV@", "\n\n" + _CODEC_AND_WAV.strip("\n") + "\n")
     for key, value in values.items():
-        out = out.replace(f"@{key}@", str(value))
+        # Strings become Python string literals (a Host header cannot break out of them).
+        out = out.replace(f"@{key}@", json.dumps(value) if isinstance(value, str) else str(value))
     return out
 
 

@@ -191,8 +191,11 @@ class ReplyOnPause(AsyncStreamHandler):
         if self.responding:
             # Only reachable with can_interrupt: the new turn replaces the old reply.
             self._reply.cancel()  # type: ignore[union-attr]
-            self.clear_queue()
+        if self.can_interrupt:
+            # As FastRTC: a new turn also drops reply audio still queued or playing, even
+            # when its generator already finished (the phone client gets Twilio's `clear`).
             self._drain()
+            self.clear_queue()
         args = self.latest_args[1:] if self.latest_args else list(self.default_args)
         self.replies_started += 1
         self._reply = asyncio.create_task(self._run(self.fn, (sr, utterance), *args))

@@ -128,8 +128,20 @@ class Stream(FastAPI):
         return router
 
     def mount(self, app: FastAPI, path: str = "") -> None:
-        """Add this stream's routes to another FastAPI app under `path` (FastRTC's way)."""
-        app.include_router(self.rtc_router, prefix=path.rstrip("/"))
+        """Add this stream's routes (and its `/ui`) to another FastAPI app under `path`,
+        FastRTC's way."""
+        prefix = path.rstrip("/")
+        app.include_router(self.rtc_router, prefix=prefix)
+        ui = getattr(self, "ui_app", None)
+        if ui is not None:
+            app.mount(f"{prefix}/ui", ui)
+
+    def fastphone(self, *args: Any, **kwargs: Any) -> None:
+        """FastRTC's temporary phone number needs an outside service: this explains how to
+        point a telephony provider at `/telephone/incoming` instead (always raises)."""
+        from .telephone import fastphone
+
+        fastphone(self, *args, **kwargs)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:

@@ -37,6 +37,7 @@ def test_bench_reply_two_batched_sessions_get_every_reply(tmp_path):
     assert r.errors == 0, r.error_samples
     assert r.mismatches == 0
     assert len(r.overhead_ms) == len(r.e2r_ms) == len(r.detect_ms) == 2
+    assert r.barge_in == [False, False]  # one utterance: no earlier reply to interrupt
     # The reply can only start after the pause chunk was sent (overhead > 0), and end of
     # speech -> reply includes the chunking floor.
     assert all(0 < o < 5000 for o in r.overhead_ms), r.overhead_ms

@@ -118,6 +118,9 @@ def test_examples_are_importable_constants():
         compile(code, "example", "exec")
         assert not re.search(r"@[A-Z_]+@", code), "unfilled placeholder"
     assert docs.WEBSOCKET_EXAMPLE and docs.WEBRTC_EXAMPLE and docs.TELEPHONE_EXAMPLE
+    # A hostile Host header stays inside the example's string literal.
+    odd = 'ws://x"; import os  # \\/websocket/offer'
+    assert load_example(docs.websocket_example(stream, odd), "odd")["URL"] == odd
 
 
 async def test_websocket_example_gets_replies(serve):

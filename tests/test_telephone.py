@@ -244,15 +244,6 @@ async def test_talking_over_a_reply_sends_clear_and_drops_the_old_reply(serve):
     assert {sid for _, sid, _ in call.media} == {"MZ-int"}
 
 
-@pytest.mark.xfail(
-    reason=(
-        "server/reply_on_pause.py: `_start_reply` cancels, drains and calls clear_queue() only "
-        "while the reply *task* runs; a reply generated faster than real time has finished "
-        "generating while its audio still waits in `_out` / plays, so a new turn neither "
-        "clears nor drops it (FastRTC clears on every pause when can_interrupt)."
-    ),
-    strict=False,
-)
 async def test_talking_over_a_fully_generated_reply_sends_clear(serve):
     call, spans = await _interrupted_call(serve, paced=False)
     t_clear, _ = interrupting_clear(call, spans[1][1])
