@@ -953,7 +953,9 @@ def render_markdown(rows: list[StepResult], meta: dict[str, Any]) -> str:
         f"{m.get('memory_gib', '?')} GiB; Python {m['python']}, torch {m.get('torch')}, "
         f"websockets {m.get('websockets')}, uvicorn {m.get('uvicorn')}; no GPU used; "
         f"load average when the run started {m.get('loadavg_at_start')} (the machine is shared)",
-        f"- command: `{meta['command']}`; code: {meta.get('code_version', 'unknown')}",
+        f"- command: `{meta['command']}`; code: {meta.get('code_version', 'unknown')}"
+        + ("" if meta.get("code_version_at_end", meta.get("code_version")) == meta.get("code_version")
+           else f" at start, {meta['code_version_at_end']} at the end (**the code changed during the run**)"),
         f"- server: `{meta['server_command']}` (fresh process per row, one unmeasured warm-up session; "
         "`batched` = `BATCHRTC_VAD_MAX_BATCH=512`, `unbatched` = `BATCHRTC_VAD_MAX_BATCH=1`)",
         f"- clients: {meta['client_desc']}",
@@ -1169,6 +1171,7 @@ def main(argv: list[str] | None = None) -> int:
         "verdict_lines": verdict_lines,
         "target_met": met,
         "wall_s": round(time.monotonic() - t_all, 1),
+        "code_version_at_end": code_version(),
     }
     md = render_markdown(rows, meta)
     print()

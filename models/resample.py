@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -58,6 +59,7 @@ class StreamingResampler:
         self.down = self.orig_sr // g
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
+        self._np_weight: np.ndarray | None = None
 
         if self.up == self.down:  # same rate: identity, nothing to carry
             self.half_len = 0
@@ -124,6 +126,25 @@ class StreamingResampler:
         y = out.transpose(1, 2).reshape(B, -1)  # interleave branches: y[t*up + p] = out[p, t]
         new_history = buf[:, buf.shape[1] - self.history_size:].clone()  # clone: don't pin buf
         return y, new_history
+
+    def process_numpy(self, x: np.ndarray, history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One stream on the CPU with numpy: the same filter and alignment as `__call__`, for
+        small single-stream work (reply audio) where a torch conv1d costs more than the math
+        (its oneDNN path takes ~5 ms for a 0.5 s chunk; this is a BLAS matmul, ~0.2 ms)."""
+        x = np.asarray(x, dtype=np.float32).reshape(-1)
+        if x.size % self.down:
+            raise ValueError(f"chunk length {x.size} is not a multiple of down={self.down}")
+        if self._weight is None:
+            return x.copy(), np.asarray(history, dtype=np.float32)
+        if self._np_weight is None:
+            self._np_weight = self._weight[:, 0, :].to("cpu", torch.float32).numpy().T.copy()  # [K, up]
+        w = self._np_weight
+        buf = np.concatenate([np.asarray(history, dtype=np.float32).reshape(-1), x])
+        if x.size == 0:
+            return np.zeros(0, np.float32), buf[buf.size - self.history_size:].copy()
+        frames = np.lib.stride_tricks.sliding_window_view(buf, w.shape[0])[:: self.down]
+        y = (frames[: x.size // self.down] @ w).reshape(-1)  # [T, up] -> interleaved branches
+        return y.astype(np.float32, copy=False), buf[buf.size - self.history_size:].copy()
 
     def resample(self, x: Tensor) -> Tensor:
         """Whole-signal convenience, aligned with ``resample_poly`` (length n*up//down)."""

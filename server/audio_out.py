@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from models.resample import StreamingResampler
 
@@ -14,14 +13,14 @@ class AudioOut:
     """Converts a handler's `(sample_rate, array)` chunks to the connection's output rate.
 
     Reply audio is one stream per connection and a few chunks a second, so it is resampled
-    on the CPU with the same polyphase filter the batched input path uses, keeping filter
-    history so chunk edges are seamless."""
+    on the CPU (numpy) with the same polyphase filter the batched input path uses, keeping
+    filter history so chunk edges are seamless."""
 
     def __init__(self, target_rate: int) -> None:
         self.target_rate = target_rate
         self._rate = 0
         self._rs: StreamingResampler | None = None
-        self._hist: torch.Tensor | None = None
+        self._hist: np.ndarray | None = None
         self._carry = np.zeros(0, dtype=np.float32)
 
     def convert(self, sample_rate: int, array: np.ndarray) -> np.ndarray:
@@ -31,7 +30,7 @@ class AudioOut:
         if sample_rate != self._rate:
             self._rate = sample_rate
             self._rs = StreamingResampler(sample_rate, self.target_rate, device="cpu")
-            self._hist = self._rs.new_history(1)
+            self._hist = np.zeros(self._rs.history_size, dtype=np.float32)
             self._carry = np.zeros(0, dtype=np.float32)
         assert self._rs is not None and self._hist is not None
         x = np.concatenate([self._carry, audio_to_float32(mono)])
@@ -39,6 +38,6 @@ class AudioOut:
         self._carry = x[usable:]
         if usable == 0:
             return np.zeros(0, dtype=np.int16)
-        with torch.inference_mode():
-            y, self._hist = self._rs(torch.from_numpy(np.ascontiguousarray(x[:usable]))[None], self._hist)
-        return audio_to_int16(y[0].numpy())
+        # numpy, not a torch conv: this runs on the event loop, a few times a second per reply.
+        y, self._hist = self._rs.process_numpy(x[:usable], self._hist)
+        return audio_to_int16(y)

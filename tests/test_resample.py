@@ -292,3 +292,18 @@ def test_cuda_matches_cpu() -> None:
     y_gpu = _stream(gpu, x.cuda(), [960] * 5)
     assert y_gpu.device.type == "cuda"
     torch.testing.assert_close(y_gpu.cpu(), y_cpu, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rates", [(48000, 24000), (16000, 48000), (24000, 8000), (24000, 16000), (8000, 8000)])
+def test_numpy_path_matches_torch_streaming(rates):
+    """`process_numpy` (single-stream reply audio) equals the batched torch path, chunk by chunk."""
+    rs = StreamingResampler(*rates)
+    h_t, h_n = rs.new_history(1), np.zeros(rs.history_size, np.float32)
+    rng = np.random.default_rng(3)
+    for n in [rs.down * 7, rs.down * 480, 0, rs.down * 3, rs.down * 1001]:
+        x = rng.standard_normal(n).astype(np.float32)
+        yt, h_t = rs(torch.from_numpy(x)[None], h_t)
+        yn, h_n = rs.process_numpy(x, h_n)
+        assert yn.shape == (rs.out_len(n),)
+        np.testing.assert_allclose(yn, yt[0].numpy(), atol=2e-6)
+        np.testing.assert_allclose(h_n, h_t[0].numpy(), atol=0)
