@@ -149,9 +149,9 @@ class ReplyOnPause(AsyncStreamHandler):
             return
         sr, array = frame
         audio = to_mono(np.asarray(array))
-        st = self._state
-        if st.sample_rate != sr:
+        if self._state.sample_rate != sr:
             self._reset_vad(sr)
+        st = self._state  # after a reset: the first frame belongs to the new state
         st.buffer.append(audio)
         st.buffered += audio.shape[0]
         if st.buffered < self.algo_options.audio_chunk_duration * sr:

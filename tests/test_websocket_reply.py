@@ -93,3 +93,13 @@ async def test_fifty_concurrent_sessions_all_get_replies_and_batch(serve):
     new_hist = {k: v - before["batch_size_hist"].get(k, 0) for k, v in after["batch_size_hist"].items()}
     assert max(k for k, v in new_hist.items() if v > 0) > 1, new_hist
     assert after["failed"] == before["failed"]
+
+
+async def test_first_frame_is_part_of_the_utterance():
+    """The very first frame counts: chunks start at the first sample (a reset of the VAD state
+    on the first frame must not discard it)."""
+    handler = ReplyOnPause(echo).copy()
+    frame = np.full((1, 960), 1000, np.int16)
+    await handler.receive((48000, frame))
+    assert handler._state.buffered == 960
+    handler.shutdown()
