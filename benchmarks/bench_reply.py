@@ -3,7 +3,7 @@ unbatched shared Silero VAD, end of speech -> first reply byte.
 
 Setup (one run compares both modes, every step on a fresh server):
 
-* The server is a SEPARATE process: ``python -m uvicorn server.app:stream --port P
+* The server is a SEPARATE process: ``python -m uvicorn server.echo_app:stream --port P
   --log-level warning`` (the default app: ``ReplyOnPause(echo)``) with
   ``BATCHRTC_CONCURRENCY`` large and ``BATCHRTC_VAD_MAX_BATCH`` = 512 (``batched``) or 1
   (``unbatched``: every session's 0.6 s chunk is its own Silero call). One warm-up session
@@ -46,7 +46,7 @@ Usage::
 Writes ``benchmarks/results/bench_reply.md`` (``--out``), ``.json`` (raw numbers) and
 ``.png`` (p95 vs N) next to it. ``--vad-stats`` starts the server through a factory in this
 module that adds one GET route returning the batcher's stats (batch-size histogram); the
-default uses the plain ``server.app:stream`` command.
+default uses the plain ``server.echo_app:stream`` command.
 """
 from __future__ import annotations
 
@@ -202,7 +202,7 @@ def _free_port() -> int:
 
 def vad_stats_app():  # uvicorn --factory target (only with --vad-stats)
     """The default app plus one read-only GET route with the shared batcher's stats."""
-    from server.app import stream
+    from server.echo_app import stream
     from server.vad_engine import get_vad_engine
 
     @stream.get(VAD_STATS_PATH)
@@ -213,7 +213,7 @@ def vad_stats_app():  # uvicorn --factory target (only with --vad-stats)
 
 
 class ServerProcess:
-    """``python -m uvicorn server.app:stream`` in its own process (group); killed on exit."""
+    """``python -m uvicorn server.echo_app:stream`` in its own process (group); killed on exit."""
 
     def __init__(
         self,
@@ -230,7 +230,7 @@ class ServerProcess:
         self.mode = mode
         self.port = _free_port()
         self.vad_stats = vad_stats
-        target = ["benchmarks.bench_reply:vad_stats_app", "--factory"] if vad_stats else ["server.app:stream"]
+        target = ["benchmarks.bench_reply:vad_stats_app", "--factory"] if vad_stats else ["server.echo_app:stream"]
         self.argv = [sys.executable, "-m", "uvicorn", *target, "--port", str(self.port), "--log-level", "warning"]
         self.env = dict(os.environ)
         self.env["BATCHRTC_CONCURRENCY"] = str(concurrency)
@@ -1157,7 +1157,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "command": command,
         "code_version": code_version_at_start,
-        "server_command": server_command or "python -m uvicorn server.app:stream --port P --log-level warning",
+        "server_command": server_command or "python -m uvicorn server.echo_app:stream --port P --log-level warning",
         "client_desc": f"{kdesc} spawn process(es), one asyncio loop each, websockets "
         f"{'with' if opts.compression else 'without'} permessage-deflate, starts staggered over "
         f"{a.stagger_s} s, listening {a.listen_s} s after the last frame",

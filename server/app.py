@@ -1,42 +1,38 @@
 """The default app: `uvicorn server.app:stream`.
 
-An audio `ReplyOnPause` echo: speak, pause, hear your utterance back. Its VAD runs on the
-shared batcher (CUDA when present, else CPU). `BATCHRTC_CONCURRENCY` sets how many sessions
-it accepts (default 256).
+Face detection on every session's webcam video, batched across sessions on one GPU (CPU
+when there is none): a confidence slider (`additional_inputs`) and a detection list
+(`additional_outputs`). The audio ReplyOnPause echo is `uvicorn server.echo_app:stream`.
+`BATCHRTC_CONCURRENCY` sets how many sessions it accepts (default 64).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
-import numpy as np
+import gradio as gr
 from fastapi.responses import HTMLResponse
 
-from .reply_on_pause import ReplyOnPause
+from .detection import face_detection_handler
 from .stream import Stream
 
-
-def echo(audio: tuple[int, np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield the utterance back in 0.5 s pieces."""
-    sr, samples = audio
-    step = sr // 2
-    for start in range(0, samples.shape[-1], step):
-        yield sr, samples[:, start : start + step]
-
-
 stream = Stream(
-    ReplyOnPause(echo),
-    modality="audio",
+    face_detection_handler(),
+    modality="video",
     mode="send-receive",
-    concurrency_limit=int(os.environ.get("BATCHRTC_CONCURRENCY", "256")),
+    additional_inputs=[gr.Slider(0.0, 1.0, value=0.9, step=0.01, label="Confidence threshold")],
+    additional_outputs=[gr.JSON(label="Detections")],
+    additional_outputs_handler=lambda old, new: new,
+    concurrency_limit=int(os.environ.get("BATCHRTC_CONCURRENCY", "64")),
+    ui_args={"title": "Batched face detection"},
 )
 
 
 @stream.get("/", response_class=HTMLResponse)
 async def index() -> str:
     return (
-        "<h1>batchrtc</h1><p>ReplyOnPause echo. Connect a FastRTC WebSocket client to "
-        "<code>/websocket/offer</code> (mu-law at 48 kHz in, 24 kHz out).</p>"
+        "<h1>batchrtc: batched face detection</h1>"
+        '<p>Open <a href="/ui">/ui</a> to try it with your webcam. Clients connect with '
+        'FastRTC\'s <code>POST /webrtc/offer</code> (<a href="/webrtc/docs">docs</a>).</p>'
         f"<p>{stream.active_sessions} active session(s).</p>"
     )
