@@ -39,6 +39,34 @@ async def settle(cond, timeout: float = 20.0) -> None:
         await asyncio.sleep(0.1)
 
 
+def _ws_cycle_factory(server):
+    speech = (np.sin(np.arange(48000) / 7) * 6000).astype(np.int16)
+    payload = base64.b64encode(ulaw_encode(speech[:9600])).decode()
+
+    async def ws_cycle(i: int, quit_rudely: bool) -> None:
+        async with websockets.connect(f"{server.ws}/websocket/offer") as ws:
+            await ws.send(json.dumps({"event": "start", "websocket_id": f"c{i}"}))
+            for _ in range(4):  # 0.8 s of audio -> at least one VAD batch
+                await ws.send(json.dumps({"event": "media", "media": {"payload": payload}}))
+            await asyncio.sleep(0.2)
+            if quit_rudely:
+                ws.transport.abort()  # vanish without a close frame
+                return
+            await ws.send(json.dumps({"event": "stop"}))
+
+    return ws_cycle
+
+
+def _rtc_cycle_factory(server):
+    async def rtc_cycle(i: int) -> None:
+        c, ans = await connect(server.http, f"v{i}", video=FrameSource(frame, fps=15), recv_video=True, keep_frames=0)
+        assert ans["type"] == "answer"
+        await settle(lambda: len(c.frames) >= 2, 20)
+        await c.close()
+
+    return rtc_cycle
+
+
 async def test_vanished_peer_mid_batch_hurts_nobody(serve):
     gate = threading.Event()
 
@@ -84,25 +112,8 @@ async def test_churn_returns_to_baseline(serve):
     sa, sv = serve(audio), serve(video)
     engine = get_vad_engine()
     proc = psutil.Process(os.getpid())
-    speech = (np.sin(np.arange(48000) / 7) * 6000).astype(np.int16)
-    payload = base64.b64encode(ulaw_encode(speech[:9600])).decode()
 
-    async def ws_cycle(i: int, quit_rudely: bool) -> None:
-        async with websockets.connect(f"{sa.ws}/websocket/offer") as ws:
-            await ws.send(json.dumps({"event": "start", "websocket_id": f"c{i}"}))
-            for _ in range(4):  # 0.8 s of audio -> at least one VAD batch
-                await ws.send(json.dumps({"event": "media", "media": {"payload": payload}}))
-            await asyncio.sleep(0.2)
-            if quit_rudely:
-                ws.transport.abort()  # vanish without a close frame
-                return
-            await ws.send(json.dumps({"event": "stop"}))
-
-    async def rtc_cycle(i: int) -> None:
-        c, ans = await connect(sv.http, f"v{i}", video=FrameSource(frame, fps=15), recv_video=True, keep_frames=0)
-        assert ans["type"] == "answer"
-        await settle(lambda: len(c.frames) >= 2, 20)
-        await c.close()
+    ws_cycle, rtc_cycle = _ws_cycle_factory(sa), _rtc_cycle_factory(sv)
 
     async def one_round(r: int) -> None:
         await asyncio.gather(
@@ -163,3 +174,30 @@ async def test_hanging_handler_ends_only_its_session(serve):
         release.set()
         await hung.close()
         await fine.close()
+
+
+async def test_out_of_memory_on_a_big_batch_is_split_and_retried(serve):
+    """A batched handler that runs out of (GPU) memory above 2 frames: the batcher splits the
+    batch and every session still gets every frame it sends, with no error."""
+    sizes: list[int] = []
+
+    @batched(max_batch_size=8, max_queue_delay_ms=30, device="cpu")
+    def picky(frames: torch.Tensor, args):
+        sizes.append(frames.shape[0])
+        if frames.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated for a big batch)")
+        return frames
+
+    stream = Stream(picky, modality="video", concurrency_limit=8)
+    server = serve(stream)
+    clients = [
+        (await connect(server.http, f"oom{i}", video=FrameSource(frame, fps=10), recv_video=True, keep_frames=0))[0]
+        for i in range(4)
+    ]
+    try:
+        await settle(lambda: all(len(c.frames) >= 8 for c in clients), 30)
+        assert max(sizes) > 2  # big batches were tried ...
+        assert picky.batcher.stats.snapshot()["bisect_calls"] > 0  # ... and split
+        assert not any(m.get("type") == "error" for c in clients for m in c.messages)
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))

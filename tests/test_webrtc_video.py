@@ -90,6 +90,21 @@ async def test_batched_handler_sixteen_sessions_batch_together(serve):
     await wait_for(lambda: stream.active_sessions == 0, 15)
 
 
+def stamped(i: int) -> np.ndarray:
+    """A frame whose top-left 64x64 block encodes i mod 64 as grey level (survives VP8)."""
+    img = gradient(i)
+    img[:64, :64] = (i % 64) * 4
+    return img
+
+
+def send_time_of(src: FrameSource, arrival: float, block: np.ndarray) -> float | None:
+    """Send time of the newest frame whose stamp matches `block` and was sent before `arrival`
+    (RTP timestamps are rebased by each hop, so frames are matched by content)."""
+    k = int(round(float(block[8:56, 8:56].mean()) / 4)) % 64
+    times = [t for pts, t in src.sent.items() if (pts // 3000) % 64 == k and t <= arrival]
+    return max(times) if times else None
+
+
 async def test_slow_handler_keeps_latency_bounded_and_other_session_flows(serve):
     def slow(frame: np.ndarray) -> np.ndarray:
         time.sleep(0.1)
@@ -97,9 +112,9 @@ async def test_slow_handler_keeps_latency_bounded_and_other_session_flows(serve)
 
     stream = Stream(slow, modality="video", concurrency_limit=4)
     server = serve(stream)
-    src = FrameSource(gradient, fps=30)
+    src = FrameSource(stamped, fps=30)
     src2 = FrameSource(gradient, fps=30)
-    slow_client, _ = await connect(server.http, "slow", video=src, recv_video=True, keep_frames=0)
+    slow_client, _ = await connect(server.http, "slow", video=src, recv_video=True, keep_frames=10_000)
     other, _ = await connect(server.http, "other", video=src2, recv_video=True, keep_frames=0)
     try:
         await asyncio.sleep(4.0)
@@ -107,9 +122,14 @@ async def test_slow_handler_keeps_latency_bounded_and_other_session_flows(serve)
         pipe = session.video
         # The handler runs ~10 times a second; everything else was dropped, not queued.
         assert pipe.dropped > pipe.processed
-        recent = [(t, pts) for t, _, pts in slow_client.frames[-10:]]
-        lat = [t - src.sent[pts] for t, pts in recent if pts in src.sent]
-        assert lat and max(lat) < 0.35, lat  # ~ two handler periods + transport
+        lat = []
+        for t, arr, _ in slow_client.frames[-10:]:
+            sent = send_time_of(src, t, arr[:64, :64].astype(float))
+            if sent is not None:
+                lat.append(t - sent)
+        assert len(lat) >= 8, lat
+        # ~ two handler periods + transport (aiortc adds a frame interval per receiving hop)
+        assert sorted(lat)[len(lat) // 2] < 0.3 and max(lat) < 0.5, lat
         assert pipe.mailbox is None or pipe.received - pipe.processed - pipe.dropped <= 2
         # the second session's frames keep flowing (handlers run on the pool, not the loop)
         n0 = len(other.frames)

@@ -31,8 +31,11 @@ def echo(audio):
 
 
 def best_match(sent_24k: np.ndarray, reply: np.ndarray) -> tuple[int, float]:
-    """Offset of `reply` inside `sent_24k` and the normalised correlation there."""
-    a = sent_24k.astype(np.float64)
+    """Offset of `reply` inside `sent_24k` and the normalised correlation there. The reply
+    may start a few samples *before* the sent signal (the streaming resampler's delay when the
+    utterance starts at the first sample): pad the front so that lag is found too."""
+    pad = 1000
+    a = np.concatenate([np.zeros(pad), sent_24k.astype(np.float64)])
     b = reply.astype(np.float64)
     n = len(a) + len(b)
     size = 1 << (n - 1).bit_length()
@@ -40,7 +43,7 @@ def best_match(sent_24k: np.ndarray, reply: np.ndarray) -> tuple[int, float]:
     off = int(np.argmax(corr))
     seg = a[off : off + len(b)]
     c = float(np.dot(seg, b[: len(seg)]) / (np.linalg.norm(seg) * np.linalg.norm(b[: len(seg)]) + 1e-9))
-    return off, c
+    return off - pad, c
 
 
 async def test_reply_after_each_pause_echoes_the_utterance(serve):
