@@ -201,3 +201,51 @@ async def test_out_of_memory_on_a_big_batch_is_split_and_retried(serve):
         assert not any(m.get("type") == "error" for c in clients for m in c.messages)
     finally:
         await asyncio.gather(*(c.close() for c in clients))
+
+
+async def test_slow_reader_is_bounded_and_hurts_nobody(serve):
+    """A client that stops reading while its reply is huge: the server's send queue and the
+    handler's output queue stay bounded (the generator is paused), and another session
+    keeps getting its replies."""
+    produced = {"n": 0}
+
+    def long_reply(audio, who):
+        if who == "slow":
+            chunk = (np.sin(np.arange(24000) / 5) * 8000).astype(np.int16).reshape(1, -1)
+            for _ in range(600):  # 10 minutes of audio, generated as fast as it is taken
+                produced["n"] += 1
+                yield 24000, chunk
+        else:
+            yield audio
+
+    class Who:
+        value = "normal"
+
+    stream = Stream(ReplyOnPause(long_reply), modality="audio", concurrency_limit=4, additional_inputs=[Who()])
+    server = serve(stream)
+    from tests.test_websocket_reply import speech_48k
+    from tests.ws_client import stream_audio
+
+    pcm = speech_48k("speech_pause_speech_16k.wav")
+    payloads = [
+        json.dumps({"event": "media", "media": {"payload": base64.b64encode(ulaw_encode(pcm[i : i + 4800])).decode()}})
+        for i in range(0, pcm.size, 4800)
+    ]
+    async with websockets.connect(f"{server.ws}/websocket/offer", max_queue=1) as slow:
+        await slow.send(json.dumps({"event": "start", "websocket_id": "slow"}))
+        await settle(lambda: "slow" in stream.sessions)
+        stream.set_input("slow", "slow")
+        slow.transport.pause_reading()  # stop reading from the socket altogether
+        normal = asyncio.create_task(stream_audio(f"{server.ws}/websocket/offer", "normal", pcm, 48000, tail_s=2.5))
+        for i, p in enumerate(payloads):  # the slow client still sends its speech in real time
+            await slow.send(p)
+            await asyncio.sleep(0.1)
+        rec = await normal
+        assert len(rec.replies()) == 2  # the other session is unaffected
+        session = stream.sessions["slow"]
+        channel = session.channel
+        # bounded: the send queue never exceeds its size, and the generator was paused
+        # (600 chunks would be 10 minutes of audio)
+        assert channel.queue.qsize() <= 256
+        assert 20 < produced["n"] < 400, produced  # the reply ran, then was held back
+        slow.transport.resume_reading()
