@@ -181,7 +181,8 @@ async def test_out_of_memory_on_a_big_batch_is_split_and_retried(serve):
     batch and every session still gets every frame it sends, with no error."""
     sizes: list[int] = []
 
-    @batched(max_batch_size=8, max_queue_delay_ms=30, device="cpu")
+    # A long wait so that frames of several sessions meet in one batch on any machine.
+    @batched(max_batch_size=8, max_queue_delay_ms=250, deadline_ms=2000, device="cpu")
     def picky(frames: torch.Tensor, args):
         sizes.append(frames.shape[0])
         if frames.shape[0] > 2:
