@@ -540,6 +540,16 @@ class _PacedVideoTrack(MediaStreamTrack):
                 await asyncio.sleep(wait)
         return int(self._n * 90000 / self.fps), fractions.Fraction(1, 90000)
 
+    @staticmethod
+    def _to_frame(session: Session, out: Any, pts: int, tb: fractions.Fraction) -> av.VideoFrame:
+        """A handler's video output -> a frame (black when it gave none this time)."""
+        array, extra = split_output(out)
+        if isinstance(extra, AdditionalOutputs):
+            session.push_outputs(extra)
+        if not isinstance(array, np.ndarray):
+            array = np.zeros((480, 640, 3), np.uint8)
+        return _from_ndarray(array, "bgr24", pts, tb)
+
 
 class AVVideoOutputTrack(_PacedVideoTrack):
     """Video out of an AudioVideoStreamHandler's `video_emit`."""
@@ -551,12 +561,7 @@ class AVVideoOutputTrack(_PacedVideoTrack):
     async def recv(self) -> Any:
         pts, tb = await self._pace()
         out = await self.session.call(self.session.handler.video_emit)
-        array, extra = split_output(out)
-        if isinstance(extra, AdditionalOutputs):
-            self.session.push_outputs(extra)
-        if not isinstance(array, np.ndarray):
-            array = np.zeros((480, 640, 3), np.uint8)
-        return _from_ndarray(array, "bgr24", pts, tb)
+        return self._to_frame(self.session, out, pts, tb)
 
 
 class GeneratedVideoTrack(_PacedVideoTrack):
@@ -575,9 +580,4 @@ class GeneratedVideoTrack(_PacedVideoTrack):
         if out is sentinel:
             self.stop()
             raise MediaStreamError
-        array, extra = split_output(out)
-        if isinstance(extra, AdditionalOutputs):
-            self.session.push_outputs(extra)
-        if not isinstance(array, np.ndarray):
-            array = np.zeros((480, 640, 3), np.uint8)
-        return _from_ndarray(array, "bgr24", pts, tb)
+        return self._to_frame(self.session, out, pts, tb)

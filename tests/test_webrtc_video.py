@@ -193,3 +193,22 @@ async def test_raising_video_handler_only_hurts_its_session(serve):
     finally:
         await bad.close()
         await good.close()
+
+
+async def test_receive_mode_streams_generated_video(serve):
+    def frames():
+        for i in range(300):
+            img = np.zeros((H, W, 3), np.uint8)
+            img[..., 2] = 220  # red in BGR, FastRTC's layout for per-frame video
+            yield img
+
+    stream = Stream(frames, modality="video", mode="receive", concurrency_limit=2)
+    server = serve(stream)
+    client, answer = await connect(server.http, "rx-video", recv_video=True)
+    try:
+        assert answer["type"] == "answer", answer
+        await wait_for(lambda: len(client.frames) >= 10, 20)
+        _, arr, _ = client.frames[-1]
+        assert arr[..., 0].mean() > 180 and arr[..., 2].mean() < 60  # red arrives as RGB red
+    finally:
+        await client.close()
