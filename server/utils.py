@@ -205,6 +205,21 @@ async def async_aggregate_bytes_to_16bit(
             yield np.frombuffer(data[:usable], dtype="<i2").reshape(1, -1)
 
 
+def call_on_loop(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
+    """Run `fn(*args)` on `loop`: now if we are on it, else scheduled thread-safely (handler
+    threads send messages too). A closed loop means the connection is gone: do nothing."""
+    if loop.is_closed():
+        return
+    try:
+        same = asyncio.get_running_loop() is loop
+    except RuntimeError:
+        same = False
+    if same:
+        fn(*args)
+    else:
+        loop.call_soon_threadsafe(fn, *args)
+
+
 async def wait_for_item(queue: asyncio.Queue, timeout: float = 0.1) -> Any:
     """Get an item from `queue`, or None after `timeout` seconds."""
     try:

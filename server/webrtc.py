@@ -36,7 +36,7 @@ from batching import DeadlineExceeded
 from .audio_out import AudioOut
 from .handlers import AsyncAudioVideoStreamHandler, AudioVideoStreamHandler, DataChannel, StreamHandlerBase
 from .session import HANDLER_POOL, HandlerTimeout, Session
-from .utils import AdditionalOutputs, CloseStream, create_message, split_output
+from .utils import AdditionalOutputs, CloseStream, call_on_loop, create_message, split_output
 from .video import BatchedHandler
 
 if TYPE_CHECKING:
@@ -98,16 +98,7 @@ class WebRTCChannel(DataChannel):
         self.pending.clear()
 
     def send(self, message: str) -> None:  # any thread
-        if self.loop.is_closed():
-            return
-        try:
-            same = asyncio.get_running_loop() is self.loop
-        except RuntimeError:
-            same = False
-        if same:
-            self._send(message)
-        else:
-            self.loop.call_soon_threadsafe(self._send, message)
+        call_on_loop(self.loop, self._send, message)
 
     def _send(self, message: str) -> None:
         ch = self.channel

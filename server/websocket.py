@@ -26,7 +26,7 @@ from .audio_out import AudioOut
 from .codecs import ulaw_decode, ulaw_encode
 from .handlers import DataChannel, StreamHandlerBase
 from .session import Session
-from .utils import AdditionalOutputs, CloseStream, create_message, split_output
+from .utils import AdditionalOutputs, CloseStream, call_on_loop, create_message, split_output
 
 if TYPE_CHECKING:
     from .stream import Stream
@@ -51,16 +51,7 @@ class WebSocketChannel(DataChannel):
         self.cleared = asyncio.Event()
 
     def send(self, message: str) -> None:  # any thread
-        if self.loop.is_closed():
-            return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self.loop:
-            self._put(message)
-        else:
-            self.loop.call_soon_threadsafe(self._put, message)
+        call_on_loop(self.loop, self._put, message)
 
     def _put(self, message: str) -> None:
         if self.queue.full():  # a reader this slow loses control messages, never memory
@@ -265,16 +256,7 @@ def _clear(channel: WebSocketChannel, phone_mode: bool, sid: str) -> None:
         if phone_mode:  # Twilio stops playing what it has buffered
             channel.send(json.dumps({"event": "clear", "streamSid": sid}))
 
-    if channel.loop.is_closed():
-        return
-    try:
-        same = asyncio.get_running_loop() is channel.loop
-    except RuntimeError:
-        same = False
-    if same:
-        run()
-    else:
-        channel.loop.call_soon_threadsafe(run)
+    call_on_loop(channel.loop, run)
 
 
 async def _emit_loop(session: Session, channel: WebSocketChannel, phone_mode: bool) -> None:
