@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{m.get('memory_gib', '?')} GiB; Python {m['python']}, torch {m.get('torch')}, websockets "
         f"{m.get('websockets')}, uvicorn {m.get('uvicorn')}; no GPU; load average at start {m.get('loadavg_at_start')}",
         f"- command: `{command}`; code: {meta['code_version']}",
-        f"- server: `BATCHRTC_CONCURRENCY=N+8 python -m uvicorn server.echo_app:stream --port P --log-level warning "
+        "- server: `BATCHRTC_CONCURRENCY=N+8 python -m uvicorn server.echo_app:stream --port P --log-level warning "
         "--ws-per-message-deflate false` (fresh process per row, one unmeasured warm-up call)",
         f"- clients: 1 spawned load-generator process (asyncio), calls on `/telephone/handler` started over "
         f"{a.stagger_s} s; each streams {FIXTURE} -> 8 kHz mu-law + 2 s silence ({audio_s:.2f} s) in "

@@ -29,7 +29,7 @@ from server import ReplyOnPause, Stream  # noqa: E402
 from server.vad_engine import get_vad_engine  # noqa: E402
 from server.video import batched  # noqa: E402
 from tests.conftest import ServerThread  # noqa: E402
-from tests.test_churn_faults import frame, settle  # noqa: E402
+from tests.test_churn_faults import settle  # noqa: E402
 from tests.test_websocket_reply import echo  # noqa: E402
 
 

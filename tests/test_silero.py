@@ -145,7 +145,7 @@ def _make_streams(sample_rate: int, n: int, rng: np.random.Generator) -> list[np
 def test_batched_streaming_matches_per_stream_reference(sample_rate: int) -> None:
     rng = np.random.default_rng(1234 + sample_rate)
     v = vad(sample_rate)
-    W, C = v.window_size, v.context_size
+    W = v.window_size
     B = 32
     windows = [to_windows(s, W) for s in _make_streams(sample_rate, B, rng)]
     refs = [reference_probs(w, sample_rate) for w in windows]

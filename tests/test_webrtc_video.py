@@ -7,7 +7,6 @@ import time
 
 import httpx
 import numpy as np
-import pytest
 import torch
 
 from server import AdditionalOutputs, Stream

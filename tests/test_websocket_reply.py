@@ -6,7 +6,6 @@ import asyncio
 import json
 
 import numpy as np
-import pytest
 from scipy.signal import resample_poly
 
 from server import ReplyOnPause, Stream
