@@ -29,12 +29,8 @@ import contextlib
 import datetime as _dt
 import json
 import multiprocessing as mp
-import os
 import shlex
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -43,7 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.bench_reply import _f, _free_port, code_version, machine_info
+from benchmarks.bench_reply import _f, code_version, machine_info
+from benchmarks.server_process import UvicornProcess
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -176,15 +173,13 @@ def _worker_main(conn: Any, url: str, n: int, payloads: list[str], frame_s: floa
 
 
 # ================================================================================= server
-class Server:
+class Server(UvicornProcess):
     def __init__(self, n: int) -> None:
-        self.port = _free_port()
-        self.argv = [sys.executable, "-m", "uvicorn", "server.echo_app:stream", "--port", str(self.port),
-                     "--log-level", "warning", "--ws-per-message-deflate", "false"]
-        self.env = dict(os.environ, BATCHRTC_CONCURRENCY=str(n + 8))
-        self.env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + self.env.get("PYTHONPATH", "")
-        self.proc: subprocess.Popen | None = None
-        self.log = tempfile.NamedTemporaryFile(prefix="bench_phone_server_", suffix=".log", delete=False)
+        super().__init__(
+            ["server.echo_app:stream", "--log-level", "warning", "--ws-per-message-deflate", "false"],
+            {"BATCHRTC_CONCURRENCY": str(n + 8)},
+            name="bench_phone_server",
+        )
 
     @property
     def url(self) -> str:
@@ -192,44 +187,10 @@ class Server:
 
     @property
     def command(self) -> str:
-        return f"BATCHRTC_CONCURRENCY={self.env['BATCHRTC_CONCURRENCY']} python " + " ".join(
-            shlex.quote(a) for a in self.argv[1:])
-
-    def start(self, timeout_s: float = 60.0) -> None:
-        self.proc = subprocess.Popen(self.argv, cwd=REPO_ROOT, env=self.env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"server did not accept in {timeout_s} s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        p = self.proc
-        if p is not None and p.poll() is None:
-            p.terminate()  # our own child, by pid
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(10)
-        self.log.close()
-
-    def log_tail(self, n: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-n:])
-        return ""
+        return self.command_line(("BATCHRTC_CONCURRENCY",))
 
     def warning_lines(self) -> list[str]:
-        with contextlib.suppress(OSError):
-            return [l for l in Path(self.log.name).read_text(errors="replace").splitlines()
-                    if any(k in l for k in ("WARNING", "ERROR", "Traceback"))]
-        return []
+        return [l for l in self.log_text().splitlines() if any(k in l for k in ("WARNING", "ERROR", "Traceback"))]
 
 
 class Sampler(threading.Thread):
@@ -386,7 +347,7 @@ def run_step(n: int, payloads: list[str], audio_s: float, a: argparse.Namespace,
         row["server_log_warnings"] = len(warn)
         row["server_log_sample"] = warn[:3]
         with contextlib.suppress(OSError):
-            os.unlink(srv.log.name)
+            srv.cleanup_log()
     return row
 
 

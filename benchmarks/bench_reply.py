@@ -61,10 +61,8 @@ import multiprocessing as mp
 import os
 import platform
 import shlex
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -74,6 +72,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.server_process import UvicornProcess
 
 # Heavy imports (torch, the server package, scipy, websockets) are done lazily: client worker
 # processes import this module and must stay light; the server factory imports what it needs.
@@ -194,12 +194,6 @@ def build_workloads(
 
 
 # ================================================================================= server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def vad_stats_app():  # uvicorn --factory target (only with --vad-stats)
     """The default app plus one read-only GET route with the shared batcher's stats."""
     from server.echo_app import stream
@@ -212,8 +206,8 @@ def vad_stats_app():  # uvicorn --factory target (only with --vad-stats)
     return stream
 
 
-class ServerProcess:
-    """``python -m uvicorn server.echo_app:stream`` in its own process (group); killed on exit."""
+class ServerProcess(UvicornProcess):
+    """``python -m uvicorn server.echo_app:stream`` in its own process; killed on exit."""
 
     def __init__(
         self,
@@ -228,20 +222,13 @@ class ServerProcess:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
         self.mode = mode
-        self.port = _free_port()
         self.vad_stats = vad_stats
         target = ["benchmarks.bench_reply:vad_stats_app", "--factory"] if vad_stats else ["server.echo_app:stream"]
-        self.argv = [sys.executable, "-m", "uvicorn", *target, "--port", str(self.port), "--log-level", "warning"]
-        self.env = dict(os.environ)
-        self.env["BATCHRTC_CONCURRENCY"] = str(concurrency)
-        self.env["BATCHRTC_VAD_MAX_BATCH"] = str(MODES[mode])
+        env = {"BATCHRTC_CONCURRENCY": str(concurrency), "BATCHRTC_VAD_MAX_BATCH": str(MODES[mode])}
         if max_delay_ms is not None:
-            self.env["BATCHRTC_VAD_MAX_DELAY_MS"] = str(max_delay_ms)
-        self.env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + self.env.get("PYTHONPATH", "")
-        self.start_timeout_s = start_timeout_s
-        self._log_dir = log_dir
-        self.log_path: Path | None = None
-        self.proc: subprocess.Popen | None = None
+            env["BATCHRTC_VAD_MAX_DELAY_MS"] = str(max_delay_ms)
+        super().__init__([*target, "--log-level", "warning"], env, name=f"bench_reply_server_{mode}",
+                         log_dir=log_dir, start_timeout_s=start_timeout_s)
 
     @property
     def url(self) -> str:
@@ -249,57 +236,7 @@ class ServerProcess:
 
     @property
     def command(self) -> str:
-        envs = " ".join(
-            f"{k}={self.env[k]}"
-            for k in ("BATCHRTC_CONCURRENCY", "BATCHRTC_VAD_MAX_BATCH", "BATCHRTC_VAD_MAX_DELAY_MS")
-            if k in self.env
-        )
-        return f"{envs} python -m uvicorn {' '.join(shlex.quote(a) for a in self.argv[3:])}"
-
-    def start(self) -> ServerProcess:
-        fd, name = tempfile.mkstemp(prefix=f"bench_reply_server_{self.mode}_", suffix=".log", dir=self._log_dir)
-        self.log_path = Path(name)
-        with os.fdopen(fd, "wb") as log:
-            self.proc = subprocess.Popen(
-                self.argv, cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-            )
-        deadline = time.monotonic() + self.start_timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode} at start:\n{self.log_tail()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not accept connections in {self.start_timeout_s} s:\n{self.log_tail()}")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        p = self.proc
-        if p is None or p.poll() is not None:
-            return
-        p.terminate()  # only our own child, by its pid
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
-
-    def log_text(self) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return self.log_path.read_text(errors="replace")
-
-    def log_tail(self, n: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-n:])
-
-    def cleanup_log(self) -> None:
-        if self.log_path is not None:
-            with contextlib.suppress(OSError):
-                self.log_path.unlink()
+        return self.command_line(("BATCHRTC_CONCURRENCY", "BATCHRTC_VAD_MAX_BATCH", "BATCHRTC_VAD_MAX_DELAY_MS"))
 
     def vad_snapshot(self) -> dict | None:
         if not self.vad_stats:
@@ -309,16 +246,6 @@ class ServerProcess:
                 return json.loads(r.read())
         except Exception as e:  # reported, never fatal
             return {"error": repr(e)}
-
-    def __enter__(self) -> ServerProcess:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # ========================================================================== client worker

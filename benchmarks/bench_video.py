@@ -60,10 +60,7 @@ import os
 import platform
 import shlex
 import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -73,6 +70,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.server_process import UvicornProcess
 
 # Light imports only at module level: client worker processes import this module (no torch).
 
@@ -514,12 +513,6 @@ def _session_result(s: _Sess, t_ws: float, t_we: float) -> dict[str, Any]:
 
 
 # ============================================================================ server side
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def parse_cpus(text: str | None) -> list[int] | None:
     """'0-9,12' -> [0, ..., 9, 12]; None/'' -> None."""
     if not text:
@@ -535,7 +528,7 @@ def parse_cpus(text: str | None) -> list[int] | None:
     return sorted(set(out))
 
 
-class ServerProcess:
+class ServerProcess(UvicornProcess):
     """``python -m uvicorn benchmarks.video_apps:<mode>_stream`` in its own session; killed on exit."""
 
     def __init__(self, mode: str, *, max_batch: int, max_delay_ms: float, deadline_ms: float,
@@ -545,15 +538,9 @@ class ServerProcess:
         if mode not in APPS:
             raise ValueError(f"mode must be one of {sorted(APPS)}, got {mode!r}")
         self.mode = mode
-        self.port = _free_port()
-        argv = [sys.executable, "-m", "uvicorn", APPS[mode], "--host", "127.0.0.1", "--port", str(self.port),
-                "--log-level", "warning"]
         self.cpus = cpus
-        if cpus and shutil.which("taskset"):
-            argv = ["taskset", "-c", ",".join(map(str, cpus)), *argv]
-        self.argv = argv
-        self.env = dict(os.environ)
-        self.env.update({
+        prefix = ["taskset", "-c", ",".join(map(str, cpus))] if cpus and shutil.which("taskset") else []
+        env = {
             "BATCHRTC_ICE_HOSTS": "127.0.0.1",
             "BENCH_MAX_BATCH": str(max_batch),
             "BENCH_MAX_DELAY_MS": str(max_delay_ms),
@@ -561,16 +548,14 @@ class ServerProcess:
             "BENCH_CONCURRENCY": str(concurrency),
             "BENCH_LOAD_DETECTOR": "0" if mode == "echo" else "1",
             "BENCH_OUTPUTS": "1" if outputs else "0",
-        })
+        }
         if warmup_hw:
-            self.env["BENCH_WARMUP_HW"] = f"{warmup_hw[0]}x{warmup_hw[1]}"
+            env["BENCH_WARMUP_HW"] = f"{warmup_hw[0]}x{warmup_hw[1]}"
         if device:
-            self.env["BATCHRTC_DEVICE"] = device
-        self.env.update(extra_env)
-        self.env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + self.env.get("PYTHONPATH", "")
-        self.start_timeout_s = start_timeout_s
-        self.log_path: Path | None = None
-        self.proc: subprocess.Popen | None = None
+            env["BATCHRTC_DEVICE"] = device
+        env.update(extra_env)
+        super().__init__([APPS[mode], "--host", "127.0.0.1", "--log-level", "warning"], env,
+                         name=f"bench_video_server_{mode}", prefix=prefix, start_timeout_s=start_timeout_s)
 
     @property
     def base_url(self) -> str:
@@ -578,45 +563,21 @@ class ServerProcess:
 
     @property
     def command(self) -> str:
-        keys = ("BATCHRTC_ICE_HOSTS", "BATCHRTC_DEVICE", "BENCH_MAX_BATCH", "BENCH_MAX_DELAY_MS",
-                "BENCH_DEADLINE_MS", "BENCH_CONCURRENCY", "BENCH_OUTPUTS")
-        envs = " ".join(f"{k}={self.env[k]}" for k in keys if k in self.env)
-        i = self.argv.index(sys.executable)
-        pre = " ".join(shlex.quote(a) for a in self.argv[:i])
-        return " ".join(p for p in (envs, pre, "python", " ".join(shlex.quote(a) for a in self.argv[i + 1 :])) if p)
+        return self.command_line(("BATCHRTC_ICE_HOSTS", "BATCHRTC_DEVICE", "BENCH_MAX_BATCH", "BENCH_MAX_DELAY_MS",
+                                  "BENCH_DEADLINE_MS", "BENCH_CONCURRENCY", "BENCH_OUTPUTS"))
 
-    def start(self) -> ServerProcess:
-        fd, name = tempfile.mkstemp(prefix=f"bench_video_server_{self.mode}_", suffix=".log")
-        self.log_path = Path(name)
-        with os.fdopen(fd, "wb") as log:
-            self.proc = subprocess.Popen(self.argv, cwd=REPO_ROOT, env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
-        if self.cpus and not self.argv[0] == "taskset":
+    def _spawned(self) -> None:
+        if self.cpus and self.argv[0] != "taskset":
             with contextlib.suppress(Exception):
                 import psutil
 
-                psutil.Process(self.proc.pid).cpu_affinity(self.cpus)
-        deadline = time.monotonic() + self.start_timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode} at start:\n{self.log_tail()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not accept connections in {self.start_timeout_s} s:\n{self.log_tail()}")
-            time.sleep(0.1)
+                psutil.Process(self.pid).cpu_affinity(self.cpus)
+
+    def start(self) -> ServerProcess:
+        super().start()
         if self.stats(timeout=10) is None:
             raise RuntimeError(f"server accepts connections but {STATS_PATH} does not answer:\n{self.log_tail()}")
         return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid  # with taskset, taskset exec()s python: same pid
 
     def stats(self, timeout: float = 5.0) -> dict | None:
         try:
@@ -625,32 +586,7 @@ class ServerProcess:
         except Exception:  # noqa: BLE001 - reported as missing, never fatal
             return None
 
-    def stop(self) -> None:
-        p = self.proc
-        if p is None or p.poll() is not None:
-            return
-        p.terminate()  # our own child, by its pid
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
 
-    def log_text(self) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return self.log_path.read_text(errors="replace")
-
-    def log_tail(self, n: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-n:])
-
-    def cleanup_log(self) -> None:
-        if self.log_path is not None:
-            with contextlib.suppress(OSError):
-                self.log_path.unlink()
-
-
-# ============================================================================ sampling
 class _NVML:
     """GPU utilisation / memory through pynvml (nvidia-ml-py); absent -> everything None."""
 
