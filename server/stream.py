@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
@@ -18,7 +19,7 @@ from fastapi import APIRouter, FastAPI, HTTPException, WebSocket
 from .handlers import DataChannel, GeneratorSource, StreamHandlerBase
 from .reply_on_pause import ReplyOnPause
 from .session import Session
-from .utils import AdditionalOutputs
+from .utils import AdditionalOutputs, create_message
 
 logger = logging.getLogger(__name__)
 
@@ -154,8 +155,6 @@ class Stream(FastAPI):
     ) -> tuple[Session | None, str | None]:
         """Register a connection, or return FastRTC's refusal message. No await inside, so
         the limit check and the registration cannot interleave with another connection."""
-        import json
-
         if webrtc_id in self.sessions:
             return None, json.dumps(
                 {"status": "failed", "meta": {"error": "connection_already_exists", "webrtc_id": webrtc_id}}
@@ -178,8 +177,6 @@ class Stream(FastAPI):
         return session, None
 
     async def _enforce_time_limit(self, session: Session) -> None:
-        from .utils import create_message
-
         await asyncio.sleep(self.time_limit or 0)
         session.send(create_message("end_stream", "time limit reached"))
         await session.close("time limit reached")
