@@ -11,6 +11,7 @@ from .errors import (
     QueueFullError,
     ResultCountError,
     SlotsExhausted,
+    WholeBatchError,
 )
 from .policy import FlushDecision, RuntimePredictor, decide_flush
 from .slots import StateSlots
@@ -27,6 +28,7 @@ __all__ = [
     "SlotsExhausted",
     "BatchingError",
     "ResultCountError",
+    "WholeBatchError",
     "FlushDecision",
     "decide_flush",
 ]

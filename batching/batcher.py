@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Generic, TypeVar
 
-from .errors import BatcherClosed, DeadlineExceeded, QueueFullError, ResultCountError
+from .errors import BatcherClosed, DeadlineExceeded, QueueFullError, ResultCountError, WholeBatchError
 from .policy import FlushDecision, RuntimePredictor, decide_flush
 from .stats import BatcherStats
 
@@ -85,7 +85,8 @@ class DynamicBatcher(Generic[T, R]):
         fn: runs on the worker thread with a non-empty list of items; must return exactly one
             result per item, in order. If it raises, the batch is bisected so only the items
             at fault get the exception (do any stateful write-back as fn's last step: a batch
-            that raised is retried in halves).
+            that raised is retried in halves). A ``WholeBatchError`` is not bisected: every
+            item of the batch gets it.
         name: used in thread names, error messages and stats.
         max_batch_size: largest batch passed to ``fn``; a full batch runs at once.
         max_queue_delay_ms: longest the oldest item of a batch waits for company.
@@ -366,9 +367,9 @@ class DynamicBatcher(Generic[T, R]):
         try:
             results = self.fn([it.payload for it in items])
         except Exception as e:
-            if len(items) == 1:
-                self.stats.add(failed=1)
-                _deliver([(items[0], False, e)])
+            if len(items) == 1 or isinstance(e, WholeBatchError):
+                self.stats.add(failed=len(items))
+                _deliver([(it, False, e) for it in items])
                 return
             log.debug("batcher %r: batch of %d raised %r; bisecting", self.name, len(items), e)
             mid = len(items) // 2

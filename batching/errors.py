@@ -29,3 +29,9 @@ class ResultCountError(BatchingError, RuntimeError):
 
 class SlotsExhausted(BatchingError, RuntimeError):
     """Every slot of a :class:`~batching.slots.StateSlots` table is in use."""
+
+
+class WholeBatchError(BatchingError):
+    """Raised by a batch function when the batch as a whole failed, not an item in it (e.g. its
+    worker process timed out or died): every item gets the error, without bisecting, which
+    would only repeat the failure once per half."""

@@ -18,7 +18,7 @@ from batching import (
     QueueFullError,
     RuntimePredictor,
 )
-from batching.errors import ResultCountError
+from batching.errors import ResultCountError, WholeBatchError
 from batching.policy import DEADLINE, FULL, MAX_DELAY, PRODUCERS, decide_flush
 
 pytestmark = pytest.mark.timeout(60)
@@ -372,6 +372,27 @@ async def test_bisection_with_two_poisoned_items(make_batcher):
             assert isinstance(r, RuntimeError)
         else:
             assert r == 2 * i
+
+
+async def test_whole_batch_error_is_not_bisected(make_batcher):
+    calls: list[int] = []
+
+    class WorkerDied(WholeBatchError, RuntimeError):
+        pass
+
+    def fn(items):
+        calls.append(len(items))
+        if len(calls) == 1:
+            raise WorkerDied("the worker process died")
+        return double(items)
+
+    b = make_batcher(fn, max_batch_size=8, max_queue_delay_ms=10_000)
+    results = await asyncio.gather(*(b.submit(i) for i in range(8)), return_exceptions=True)
+    assert all(isinstance(r, WorkerDied) for r in results), results
+    assert calls == [8]  # one call, no halves retried
+    assert b.stats.snapshot()["failed"] == 8
+    # the worker goes on with the next batch
+    assert await b.submit(5) == 10
 
 
 async def test_wrong_result_count_is_an_error(make_batcher):
