@@ -14,6 +14,7 @@ from .errors import (
     WholeBatchError,
 )
 from .policy import FlushDecision, RuntimePredictor, decide_flush
+from .process import ProcessRunner, RunnerClosed, WorkerCrashed, WorkerTimeout
 from .slots import StateSlots
 from .stats import BatcherStats
 
@@ -29,6 +30,10 @@ __all__ = [
     "BatchingError",
     "ResultCountError",
     "WholeBatchError",
+    "ProcessRunner",
+    "RunnerClosed",
+    "WorkerCrashed",
+    "WorkerTimeout",
     "FlushDecision",
     "decide_flush",
 ]

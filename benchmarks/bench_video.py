@@ -82,6 +82,7 @@ FACE_BOX = (180.0, 60.0, 268.0, 172.0)  # the face in astronaut.png (x1, y1, x2,
 PATCH_BOX = (140, 20, 310, 215)  # the crop pasted onto the canvas (contains FACE_BOX)
 APPS = {
     "batched": "benchmarks.video_apps:batched_stream",
+    "batched-proc": "benchmarks.video_apps:batched_stream",
     "perframe": "benchmarks.video_apps:perframe_stream",
     "echo": "benchmarks.video_apps:echo_stream",
 }
@@ -548,6 +549,9 @@ class ServerProcess(UvicornProcess):
             "BENCH_CONCURRENCY": str(concurrency),
             "BENCH_LOAD_DETECTOR": "0" if mode == "echo" else "1",
             "BENCH_OUTPUTS": "1" if outputs else "0",
+            # batched: the handler's batcher thread inside the server process; batched-proc: the
+            # handler in its own child process (server.video's process=True).
+            "BATCHRTC_VIDEO_PROCESS": "1" if mode == "batched-proc" else "0",
         }
         if warmup_hw:
             env["BENCH_WARMUP_HW"] = f"{warmup_hw[0]}x{warmup_hw[1]}"
@@ -563,7 +567,8 @@ class ServerProcess(UvicornProcess):
 
     @property
     def command(self) -> str:
-        return self.command_line(("BATCHRTC_ICE_HOSTS", "BATCHRTC_DEVICE", "BENCH_MAX_BATCH", "BENCH_MAX_DELAY_MS",
+        return self.command_line(("BATCHRTC_ICE_HOSTS", "BATCHRTC_DEVICE", "BATCHRTC_VIDEO_PROCESS",
+                                  "BENCH_MAX_BATCH", "BENCH_MAX_DELAY_MS",
                                   "BENCH_DEADLINE_MS", "BENCH_CONCURRENCY", "BENCH_OUTPUTS"))
 
     def _spawned(self) -> None:
@@ -685,10 +690,15 @@ class Sampler(threading.Thread):
             return None
         return None
 
-    def _cpu(self, key: str, p: Any) -> tuple[float, float]:
+    def _cpu(self, key: str, p: Any, children: bool = False) -> tuple[float, float]:
         try:
             ct = p.cpu_times()
             tot = ct.user + ct.system
+            if children:  # live children (batched-proc's handler process) count as the server
+                for c in p.children(recursive=True):
+                    with contextlib.suppress(self.ps.Error):
+                        cc = c.cpu_times()
+                        tot += cc.user + cc.system
             main = self._main_thread_cpu(p)
         except self.ps.Error:
             tot, main = None, None
@@ -700,7 +710,7 @@ class Sampler(threading.Thread):
 
     def _sample(self) -> None:
         t = time.monotonic()
-        srv, srv_main = self._cpu("server", self.server)
+        srv, srv_main = self._cpu("server", self.server, children=True)
         cl = [self._cpu(f"c{c.pid}", c) for c in self.clients]
         st = self.ps.cpu_times()
         busy = st.user + st.system + getattr(st, "irq", 0.0) + getattr(st, "softirq", 0.0) + getattr(st, "nice", 0.0)

@@ -28,6 +28,7 @@ summed received/processed/dropped video counters, CUDA memory) for the benchmark
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import time
 from typing import Any
@@ -134,6 +135,8 @@ def bench_stats(stream: Stream) -> dict:
     h = stream.handler
     b = getattr(h, "_batcher", None)  # never create the batcher just to read it
     dev = _DETECTOR.device if _DETECTOR is not None else None
+    if dev is None and getattr(h, "process", False):
+        dev = h.device  # the model lives in the handler's child process
     out: dict[str, Any] = {
         "pid": os.getpid(),
         "uptime_s": time.time() - STARTED,
@@ -146,7 +149,7 @@ def bench_stats(stream: Stream) -> dict:
         "config": {"max_batch": MAX_BATCH, "max_delay_ms": MAX_DELAY_MS,
                    "deadline_ms": DEADLINE_MS, "concurrency": CONCURRENCY, "outputs": OUTPUTS},
     }
-    if dev is not None and dev.type == "cuda":
+    if dev is not None and dev.type == "cuda" and _DETECTOR is not None:  # never init CUDA here
         idx = dev.index if dev.index is not None else torch.cuda.current_device()
         out["gpu_name"] = torch.cuda.get_device_name(idx)
         out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(idx) / 2**20
@@ -156,8 +159,12 @@ def bench_stats(stream: Stream) -> dict:
 
 def _warmup() -> None:
     """Load the detector and run it once at the benchmark's frame size (and, on CUDA, at the
-    largest batch too): the first sessions then do not measure CUDA/kernel start-up."""
+    largest batch too): the first sessions then do not measure CUDA/kernel start-up. With the
+    batched handler in its own process that happens there (it imports this module), not in
+    the front end."""
     if os.environ.get("BENCH_LOAD_DETECTOR", "1") == "0":
+        return
+    if detect_faces_batched.process and multiprocessing.parent_process() is None:
         return
     det = detector()
     hw = os.environ.get("BENCH_WARMUP_HW", "").strip()

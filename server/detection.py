@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from models.detector import FaceDetector, draw_boxes
+from models.device import default_device
 
 from .utils import AdditionalOutputs
 from .video import BatchedHandler, batched
@@ -53,5 +54,7 @@ def face_detection_handler(
         max_batch_size=max_batch_size or int(os.environ.get("BATCHRTC_VIDEO_MAX_BATCH", "64")),
         max_queue_delay_ms=max_queue_delay_ms or float(os.environ.get("BATCHRTC_VIDEO_MAX_DELAY_MS", "8")),
         deadline_ms=100.0,
-        device=detector().device,
+        # Not detector().device: with the handler in its own process, the front end never
+        # loads the model (nor creates a CUDA context).
+        device=default_device(),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +21,7 @@ from .handlers import DataChannel, GeneratorSource, StreamHandlerBase
 from .reply_on_pause import ReplyOnPause
 from .session import Session
 from .utils import AdditionalOutputs, create_message
+from .video import BatchedHandler
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +148,13 @@ class Stream(FastAPI):
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        batched = self.handler if isinstance(self.handler, BatchedHandler) else None
+        if batched is not None:
+            batched.start()  # load the model (in its process) before the first session
         yield
         await self.close_all("server shutdown")
+        if batched is not None:
+            await asyncio.to_thread(functools.partial(batched.close, restartable=True))
 
     # -- sessions ----------------------------------------------------------------------------
     def _open_session(
