@@ -178,6 +178,14 @@ def _reachable(root: Any) -> list[Any]:
     return found
 
 
+def _runner(stream: Any) -> Any:
+    """The stream's batched handler's ProcessRunner, once it exists (never creates one)."""
+    from .video import BatchedHandler
+
+    handler = getattr(stream, "handler", None)
+    return handler._runner if isinstance(handler, BatchedHandler) else None
+
+
 def _children(obj: Any) -> list[Any]:
     """What `obj` holds that may lead to a batcher (never calls properties)."""
     if isinstance(obj, (str, bytes, int, float, bool, type, types.ModuleType)):
@@ -335,6 +343,7 @@ class StreamCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._sessions()
         yield from self._batchers()
+        yield from self._workers()
         yield from self._gpus()
 
     # sessions, video, handler errors
@@ -479,6 +488,21 @@ class StreamCollector(Collector):
             yield from (up, depth, producers, max_batch, max_queue, batches, bisect, submitted,
                         completed, failed, dropped, rejected, flushes, sizes, wait, run)
 
+    # a batched handler's child process (process=True)
+    def _workers(self) -> Iterator[Metric]:
+        runner = _runner(self.stream)
+        if runner is None:
+            return
+        name = [f"video:{getattr(self.stream.handler, '__name__', 'batched')}"]
+        up = GaugeMetricFamily(_name("worker_up"), "1 while the handler's child process is running.", labels=["batcher"])
+        up.add_metric(name, 1.0 if runner.pid is not None else 0.0)
+        restarts = CounterMetricFamily(
+            _name("worker_restarts"), "Child processes started again after one died or was killed for a timeout.",
+            labels=["batcher"],
+        )
+        restarts.add_metric(name, runner.restarts)
+        yield from (up, restarts)
+
     # GPUs
     def _gpus(self) -> Iterator[Metric]:
         devices = _nvml.devices()
@@ -582,6 +606,9 @@ def add_routes(router: Any, stream: Any) -> None:
             "device": _device(stream),
             "batchers": batchers,
         }
+        runner = _runner(stream)
+        if runner is not None:  # informational: a dead child is restarted by the next batch
+            body["worker"] = {"pid": runner.pid, "restarts": runner.restarts}
         if failed:
             body["failed"] = failed
         return JSONResponse(body, status_code=503 if failed else 200)

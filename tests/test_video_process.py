@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -16,6 +17,7 @@ from server import AdditionalOutputs, Stream
 from server.detection import _detect
 from server.video import BatchedHandler, batched
 from tests.test_detection_app import ASTRONAUT, FACE, green_fraction
+from tests.test_metrics import scrape, val
 from tests.webrtc_client import FrameSource, connect
 
 H, W = 120, 160
@@ -111,6 +113,13 @@ async def test_misbehaving_handler_is_restarted_and_sessions_recover(serve, tmp_
         assert outputs(a)[-1] == outputs(b)[-1] != pid0
         assert brighten._runner is not None and brighten._runner.restarts >= 1
         assert stream.active_sessions == 2  # nobody was disconnected
+        # operators see it: /metrics counts the restart, /health names the new child
+        samples, _ = await scrape(server.http)
+        assert val(samples, "batchrtc_worker_restarts_total", batcher="video:brighten") >= 1
+        assert val(samples, "batchrtc_worker_up", batcher="video:brighten") == 1
+        async with httpx.AsyncClient(timeout=10) as http:
+            health = (await http.get(f"{server.http}/health")).json()
+        assert health["worker"]["pid"] == outputs(a)[-1] and health["worker"]["restarts"] >= 1
     finally:
         await asyncio.gather(a.close(), b.close())
 
