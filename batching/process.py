@@ -21,6 +21,7 @@ import multiprocessing as mp
 import os
 import pickle
 import secrets
+import shutil
 import signal
 import threading
 import time
@@ -141,7 +142,11 @@ class ProcessRunner:
             while True:
                 msg = self._recv(deadline, "call")
                 if msg[0] == "need":  # the result does not fit: grow the output block
-                    self._out = self._new_block(msg[1], self._out)
+                    try:
+                        self._out = self._new_block(msg[1], self._out)
+                    except Exception:
+                        self._reset(crashed=True)  # the child waits for a block it won't get
+                        raise
                     self._send(("out", self._out.name))
                 elif msg[0] == "ok":
                     return _unpack(msg[1], self._out.buf)
@@ -204,6 +209,7 @@ class ProcessRunner:
 
     def _new_block(self, nbytes: int, old: SharedMemory | None = None) -> SharedMemory:
         size = max(self.initial_bytes, 1 << max(nbytes - 1, 0).bit_length())  # next power of two
+        _check_shm_room(size)
         self._seq += 1
         shm = SharedMemory(name=f"{self.shm_prefix}{self._seq}", create=True, size=size)
         if old is not None:
@@ -270,6 +276,22 @@ class ProcessRunner:
                 _drop(shm, unlink=True)
         self._in = self._out = None
         self._crashed = self._crashed or crashed
+
+
+def _check_shm_room(size: int) -> None:
+    """A block larger than /dev/shm's free space would be created fine (tmpfs allocates lazily)
+    and then kill the process with SIGBUS on first write: refuse it with a clear error instead.
+    Docker's default /dev/shm is 64 MiB; a batch of 64 640x480 frames needs ~2 x 64 MiB."""
+    try:
+        free = shutil.disk_usage("/dev/shm").free
+    except OSError:  # no /dev/shm (not Linux): nothing to check
+        return
+    if size > free:
+        raise MemoryError(
+            f"shared memory: a {size / 2**20:.0f} MiB block does not fit in /dev/shm "
+            f"({free / 2**20:.0f} MiB free); give the container more (docker run --shm-size=1g) "
+            "or lower the batch size"
+        )
 
 
 def _drop(shm: SharedMemory, unlink: bool) -> None:

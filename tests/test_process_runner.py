@@ -419,3 +419,25 @@ def test_child_exits_when_the_parent_dies(tmp_path):
     while any(n.startswith(prefix) for n in os.listdir("/dev/shm")):
         assert time.monotonic() < deadline, "shared memory left behind"
         time.sleep(0.05)
+
+
+def test_batch_too_big_for_dev_shm_is_a_clear_error(monkeypatch):
+    """tmpfs allocates lazily: an oversized block would SIGBUS the server on first write
+    (Docker's /dev/shm is 64 MiB). It is refused with an error naming the fix instead."""
+    import batching.process as bp
+
+    r = ProcessRunner(process, name="test-shm", initial_bytes=64 * 1024)
+    try:
+        small = frames(1)
+        check_processed(small, r(small, {"tag": "s"}), "s")
+        real = bp.shutil.disk_usage
+        monkeypatch.setattr(bp.shutil, "disk_usage", lambda p: real(p)._replace(free=100 * 1024))
+        big = frames(16, 96, 128)  # 590 KB: needs bigger blocks than the 64 KiB ones
+        with pytest.raises(MemoryError, match="shm-size"):
+            r(big, {"tag": "b"})
+        check_processed(small, r(small, {"tag": "s"}), "s")  # smaller batches still served
+        monkeypatch.setattr(bp.shutil, "disk_usage", real)
+        check_processed(big, r(big, {"tag": "b"}), "b")
+    finally:
+        r.close()
+    assert ours(r) == []
