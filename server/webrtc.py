@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from batching import DeadlineExceeded
 
 from .audio_out import AudioOut
+from .frames import FrameConverter
 from .handlers import AsyncAudioVideoStreamHandler, AudioVideoStreamHandler, DataChannel, StreamHandlerBase
 from .session import HANDLER_POOL, HandlerTimeout, Session
 from .utils import AdditionalOutputs, CloseStream, call_on_loop, create_message, split_output
@@ -281,13 +282,14 @@ class WebRTCConnection:
 
     async def _feed_av_video(self, track: MediaStreamTrack) -> None:
         handler = self.session.handler
+        conv = FrameConverter()
         while True:
             try:
                 frame = await track.recv()
             except MediaStreamError:
                 return
             self.got_media.set()
-            arr = await asyncio.get_running_loop().run_in_executor(HANDLER_POOL, _to_ndarray, frame, "bgr24")
+            arr = await asyncio.get_running_loop().run_in_executor(HANDLER_POOL, conv.to_ndarray, frame, "bgr24")
             try:
                 await self.session.call(handler.video_receive, arr)
             except Exception as e:
@@ -336,17 +338,6 @@ class WebRTCConnection:
             await asyncio.wait_for(self.pc.close(), 5)
         except Exception:
             logger.debug("pc.close failed for %s", self.session.webrtc_id, exc_info=True)
-
-
-def _to_ndarray(frame: Any, fmt: str) -> np.ndarray:
-    return frame.to_ndarray(format=fmt)
-
-
-def _from_ndarray(array: np.ndarray, fmt: str, pts: int | None, time_base: Any) -> av.VideoFrame:
-    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array, dtype=np.uint8), format=fmt)
-    frame.pts = pts
-    frame.time_base = time_base
-    return frame
 
 
 class AudioOutputTrack(MediaStreamTrack):
@@ -402,6 +393,7 @@ class VideoPipeline:
         self.conn = conn
         self.batched = isinstance(handler, BatchedHandler)
         self.fmt = "rgb24" if self.batched else "bgr24"  # batched: RGB tensors; plain: FastRTC's BGR
+        self.conv = FrameConverter()
         self.mailbox: Any = None
         self.new_frame = asyncio.Event()
         self.output = ProcessedVideoTrack()
@@ -449,7 +441,7 @@ class VideoPipeline:
             args = tuple(self.session.latest_args if self.session.latest_args is not None else self.session.stream.default_args)
             try:
                 if self.batched:
-                    arr = await loop.run_in_executor(HANDLER_POOL, _to_ndarray, frame, "rgb24")
+                    arr = await loop.run_in_executor(HANDLER_POOL, self.conv.to_ndarray, frame, "rgb24")
                     out = await self.handler.submit(arr, args)
                 else:
                     out = await self.session.call_limited(self._call_plain, frame, args)
@@ -473,7 +465,7 @@ class VideoPipeline:
                     self.session.report_handler_error(ValueError(f"handler returned a frame of shape {array.shape}; expected (H, W, 3)"))
                     continue
                 out_frame = await loop.run_in_executor(
-                    HANDLER_POOL, _from_ndarray, array, self.fmt, frame.pts, frame.time_base
+                    HANDLER_POOL, self.conv.to_frame, array, self.fmt, frame.pts, frame.time_base
                 )
                 self.processed += 1
                 self.output.publish(out_frame)
@@ -482,7 +474,7 @@ class VideoPipeline:
         from .utils import current_context
 
         current_context.set(self.session.context)
-        return self.handler(frame.to_ndarray(format="bgr24"), *args)
+        return self.handler(self.conv.to_ndarray(frame, "bgr24"), *args)
 
     def stop(self) -> None:
         self.output.stop()
@@ -520,6 +512,7 @@ class _PacedVideoTrack(MediaStreamTrack):
         self.fps = fps
         self._start: float | None = None
         self._n = 0
+        self._conv = FrameConverter()
 
     async def _pace(self) -> tuple[int, fractions.Fraction]:
         if self._start is None:
@@ -531,15 +524,14 @@ class _PacedVideoTrack(MediaStreamTrack):
                 await asyncio.sleep(wait)
         return int(self._n * 90000 / self.fps), fractions.Fraction(1, 90000)
 
-    @staticmethod
-    def _to_frame(session: Session, out: Any, pts: int, tb: fractions.Fraction) -> av.VideoFrame:
+    def _to_frame(self, session: Session, out: Any, pts: int, tb: fractions.Fraction) -> av.VideoFrame:
         """A handler's video output -> a frame (black when it gave none this time)."""
         array, extra = split_output(out)
         if isinstance(extra, AdditionalOutputs):
             session.push_outputs(extra)
         if not isinstance(array, np.ndarray):
             array = np.zeros((480, 640, 3), np.uint8)
-        return _from_ndarray(array, "bgr24", pts, tb)
+        return self._conv.to_frame(array, "bgr24", pts, tb)
 
 
 class AVVideoOutputTrack(_PacedVideoTrack):
