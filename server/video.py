@@ -137,13 +137,7 @@ class BatchedHandler:
             buf = self._runner.input_buffer(shape, np.uint8)
             np.stack([f.array for f in items], out=buf)
             return self._runner(buf, args)
-        if self.device.type == "cuda":
-            # Stack straight into pinned memory (one host copy), then an asynchronous H2D copy.
-            host = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
-            np.stack([f.array for f in items], out=host.numpy())
-            frames = host.to(self.device, non_blocking=True)
-        else:
-            frames = torch.from_numpy(np.stack([f.array for f in items]))
+        frames = _frames_on(self.device, shape, lambda out: np.stack([f.array for f in items], out=out))
         return _call(self.fn, frames, args)
 
     def start(self) -> None:
@@ -223,14 +217,21 @@ class _ChildCompute:
 
     def __call__(self, batch: np.ndarray, args: list[tuple[Any, ...]]) -> list[Any]:
         fn = self.fn if self.fn is not None else _resolve(self.ref)
-        dev = torch.device(self.device)
-        if dev.type == "cuda":
-            host = torch.empty(batch.shape, dtype=torch.uint8, pin_memory=True)
-            host.numpy()[...] = batch
-            frames = host.to(dev, non_blocking=True)
-        else:
-            frames = torch.from_numpy(batch.copy())  # the shared block is reused by the next batch
+        # A copy either way: the shared block is reused by the next batch.
+        frames = _frames_on(torch.device(self.device), batch.shape, lambda out: np.copyto(out, batch))
         return _call(fn, frames, args)
+
+
+def _frames_on(device: torch.device, shape: tuple[int, ...], fill: Callable[[np.ndarray], Any]) -> torch.Tensor:
+    """A uint8 batch on `device`, written by `fill(host_array)`: on CUDA straight into pinned
+    memory (one host copy), then an asynchronous host-to-device copy."""
+    if device.type == "cuda":
+        host = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+        fill(host.numpy())
+        return host.to(device, non_blocking=True)
+    out = np.empty(shape, np.uint8)
+    fill(out)
+    return torch.from_numpy(out)
 
 
 def _call(fn: BatchFn, frames: torch.Tensor, args: list[tuple[Any, ...]]) -> list[Any]:
