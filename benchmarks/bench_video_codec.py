@@ -13,13 +13,14 @@ video header extensions, ``pylibsrtp.Session`` with the profile aiortc negotiate
 * Stages: each is warmed up with one untimed pass over the frames, then timed over
   ``--rounds`` passes. Inputs that PyAV caches state on (a ``VideoFrame`` keeps the
   ``VideoReformatter`` of its first conversion) are rebuilt, untimed, before every pass, so
-  each conversion pays what it pays on a fresh frame in the server. CPU = ``process_time``
+  each conversion pays what it pays on a fresh frame. The server's conversions are its own
+  (``server.frames.FrameConverter``); PyAV's per-frame ones are comparison rows. CPU = ``process_time``
   (all threads: libvpx and swscale may use helper threads; nothing else runs meanwhile);
   ``thread_time`` (the calling thread alone) and wall time are reported next to it.
 * Totals: server and load-generator ms/frame, and core-seconds per second for ``--sessions``
   x ``--fps``.
-* Thread scaling: the server's codec chain (decode -> rgb24 -> from_ndarray -> encode, own
-  decoder/encoder per thread) and, separately, its Python-only transport part (SRTP + RTP +
+* Thread scaling: the server's codec chain (decode -> FrameConverter to rgb24 and back ->
+  encode, own decoder, encoder and converter per thread) and, separately, its Python-only transport part (SRTP + RTP +
   depayload in, RTP + SRTP out) in K threads of one process: if the work releases the GIL,
   aggregate frames/s grows with K up to the core count.
 
@@ -67,6 +68,7 @@ from av.video.reformatter import VideoReformatter
 from pylibsrtp import Policy, Session
 
 from benchmarks.bench_video import RESULTS_DIR, Scene, machine_info
+from server.frames import FrameConverter
 
 TIME_BASE = fractions.Fraction(1, 90000)  # aiortc's video clock
 QUICK = {"width": 160, "height": 120, "frames": 30, "rounds": 2, "seconds": 1.0, "max_threads": 2}
@@ -153,9 +155,12 @@ class Pts:
     def __init__(self, fps: float) -> None:
         self.step, self.n = int(round(90000 / fps)), 0
 
-    def stamp(self, frame: av.VideoFrame) -> av.VideoFrame:
-        frame.pts, frame.time_base = self.n * self.step, TIME_BASE
+    def next(self) -> tuple[int, fractions.Fraction]:
         self.n += 1
+        return (self.n - 1) * self.step, TIME_BASE
+
+    def stamp(self, frame: av.VideoFrame) -> av.VideoFrame:
+        frame.pts, frame.time_base = self.next()
         return frame
 
 
@@ -248,12 +253,15 @@ def run_stages(codec: Codec, i420: list[np.ndarray], fps: float, rounds: int,
 
     # -- server converts for the handler (fresh decoded frames each pass: see module doc)
     fresh = lambda: decode_all(codec, up_jf)  # noqa: E731
-    rgbs = measure(stage("s_rgb", "server", 'to_ndarray(format="rgb24") (batched handler)'),
-                   lambda f: f.to_ndarray(format="rgb24"), fresh, rounds)
+    # The server's own conversions (server/frames.py: one reused single-threaded swscale context
+    # per session, frames handed to the encoder as yuv420p); PyAV's per-frame ones for comparison.
+    conv = FrameConverter()
+    rgbs = measure(stage("s_rgb", "server", 'FrameConverter.to_ndarray(frame, "rgb24") (batched handler)'),
+                   lambda f: conv.to_ndarray(f, "rgb24"), fresh, rounds)
+    measure(stage("s_rgb_fresh", "server", 'to_ndarray(format="rgb24"): a fresh context per frame (comparison)', False),
+            lambda f: f.to_ndarray(format="rgb24"), fresh, rounds)
     measure(stage("s_yuv", "server", "to_ndarray() yuv420p planes (comparison)", False),
             lambda f: f.to_ndarray(), fresh, rounds)
-    measure(stage("s_rgb_reuse", "server", "rgb24 via one reused VideoReformatter, threads=1 (comparison)", False),
-            lambda f, r=VideoReformatter(): r.reformat(f, format="rgb24", threads=1).to_ndarray(), fresh, rounds)
     buf = np.empty((BATCH, *rgbs[0].shape), np.uint8)
     groups = [[rgbs[(g * BATCH + j) % len(rgbs)] for j in range(BATCH)] for g in range(-(-len(rgbs) // BATCH))]
     measure(stage("s_stack", "server", f"np.stack of {BATCH} frames into a preallocated batch, per frame"),
@@ -261,22 +269,21 @@ def run_stages(codec: Codec, i420: list[np.ndarray], fps: float, rounds: int,
 
     # -- server sends the handler's RGB result back
     spts = Pts(fps)
-    measure(stage("s_from_rgb", "server", 'from_ndarray(rgb, format="rgb24")'),
-            lambda a: spts.stamp(av.VideoFrame.from_ndarray(a, format="rgb24")), lambda: rgbs, rounds)
+    out_conv = FrameConverter()
+    yuv_out = measure(stage("s_from_rgb", "server", 'FrameConverter.to_frame(rgb, "rgb24"): from_ndarray + yuv420p'),
+                      lambda a: out_conv.to_frame(a, "rgb24", *spts.next()), lambda: rgbs, rounds)
+    senc, epts = codec.encoder(), Pts(fps)
+    down = measure(stage("s_encode", "server", f"{c} encode (the converter's yuv420p frame)"),
+                   lambda f: senc.encode(epts.stamp(f)), lambda: yuv_out, rounds)
     rgb_frames = lambda: [av.VideoFrame.from_ndarray(a, format="rgb24") for a in rgbs]  # noqa: E731
-    senc = codec.encoder()
-    down = measure(stage("s_encode", "server", f"{c} encode (rgb24 frame: reformats to yuv420p inside)"),
-                   lambda f: senc.encode(spts.stamp(f)), rgb_frames, rounds)
-    measure(stage("s_reformat", "server", "of which: rgb24 -> yuv420p reformat alone (comparison)", False),
+    renc, rpts = codec.encoder(), Pts(fps)
+    measure(stage("s_encode_rgb", "server", f"{c} encode of an rgb24 frame: aiortc reformats inside (comparison)",
+                  False), lambda f: renc.encode(rpts.stamp(f)), rgb_frames, rounds)
+    measure(stage("s_reformat", "server", "of which: rgb24 -> yuv420p, a fresh context per frame (comparison)", False),
             lambda f: f.reformat(format="yuv420p"), rgb_frames, rounds)
-    measure(stage("s_reformat_reuse", "server", "rgb24 -> yuv420p, one reused VideoReformatter, threads=1 (comparison)",
-                  False), lambda f, r=VideoReformatter(): r.reformat(f, format="yuv420p", threads=1), rgb_frames, rounds)
     measure(stage("s_reformat_t", "server", f"rgb24 -> yuv420p, fresh VideoReformatter, threads={target_cores} "
                   f"(auto threads on a {target_cores}-core machine; comparison)", False),
             lambda f: VideoReformatter().reformat(f, format="yuv420p", threads=target_cores), rgb_frames, rounds)
-    yenc, ypts = codec.encoder(), Pts(fps)
-    measure(stage("s_encode_yuv", "server", f"{c} encode from a yuv420p frame alone (comparison)", False),
-            lambda f: yenc.encode(ypts.stamp(f)), lambda: [f.reformat(format="yuv420p") for f in rgb_frames()], rounds)
     stx = RtpSender(codec)
     down_pkts = measure(stage("s_tx", "server", "RTP serialize + SRTP protect"), stx.send, lambda: down, rounds)
 
@@ -304,7 +311,7 @@ def run_stages(codec: Codec, i420: list[np.ndarray], fps: float, rounds: int,
 def codec_chain(codec: Codec, jframes: list[JitterFrame], fps: float) -> Callable[[], Callable[[], None]]:
     """The server's per-frame codec work, one decoder + encoder per thread (as per session)."""
     def make() -> Callable[[], None]:
-        dec, enc, pts = codec.decoder(), codec.encoder(), Pts(fps)
+        dec, enc, pts, conv = codec.decoder(), codec.encoder(), Pts(fps), FrameConverter()
         it = iter(range(0))
 
         def step() -> None:
@@ -314,7 +321,7 @@ def codec_chain(codec: Codec, jframes: list[JitterFrame], fps: float) -> Callabl
                 it = iter(range(len(jframes)))  # loops back to frame 0, the keyframe
                 i = next(it)
             for f in dec.decode(jframes[i]):
-                enc.encode(pts.stamp(av.VideoFrame.from_ndarray(f.to_ndarray(format="rgb24"), format="rgb24")))
+                enc.encode(conv.to_frame(conv.to_ndarray(f, "rgb24"), "rgb24", *pts.next()))
         return step
     return make
 
@@ -399,8 +406,8 @@ def verdict(res: dict[str, Any], sessions: int, fps: float, cores: int, target_c
     srv, cli = tot["server"]["core_s_per_s"], tot["client"]["core_s_per_s"]
     load = sessions * fps
     ms = tot["server"]["cpu_ms_per_frame"]
-    parts = {"codec (decode + encode incl. its rgb24->yuv420p reformat)": _by(st, "s_decode", "s_encode"),
-             "conversions (to rgb24, from_ndarray, stack)": _by(st, "s_rgb", "s_from_rgb", "s_stack"),
+    parts = {"codec (decode + encode)": _by(st, "s_decode", "s_encode"),
+             "conversions (to rgb24, back to yuv420p, stack)": _by(st, "s_rgb", "s_from_rgb", "s_stack"),
              "Python transport (SRTP + RTP + depayload, in and out)": _by(st, "s_rx", "s_tx")}
     lines = [
         f"- **{res['codec']}, {sessions} sessions x {fps:g} fps = {load:g} frames/s each way.** Server: "
@@ -411,24 +418,23 @@ def verdict(res: dict[str, Any], sessions: int, fps: float, cores: int, target_c
         f"{100 * (srv + cli) / target_cores:.0f}% (before asyncio, UDP, jitter buffer, RTCP and the model).",
         "- Server per frame: " + "; ".join(f"{k} {v:.2f} ms ({100 * v / ms:.0f}%)" for k, v in parts.items()) + ".",
     ]
-    fresh, reuse = _by(st, "s_rgb"), _by(st, "s_rgb_reuse")
-    rf, rfr = _by(st, "s_reformat"), _by(st, "s_reformat_reuse")
-    if reuse > 0 and rfr > 0:
-        save = (fresh - reuse + rf - rfr) * load / 1000
-        per = res.get("sws_threads_per_context")
+    old_in, new_in = _by(st, "s_rgb_fresh"), _by(st, "s_rgb")
+    old_out = _by(st, "s_encode_rgb") - _by(st, "s_encode")
+    new_out = _by(st, "s_from_rgb")
+    per = res.get("sws_threads_per_context")
+    lines.append(
+        f"- PyAV's own conversions build a new SwsContext with auto threads for every frame (here each one "
+        f"started {f'{per:g}' if per is not None else '?'} native threads): to rgb24 {old_in:.2f} ms, and aiortc's "
+        f"rgb24->yuv420p inside encode {old_out:.2f} ms more than encoding yuv420p. The server's FrameConverter "
+        f"(one single-threaded context per session): {new_in:.2f} ms in, {new_out:.2f} ms out (incl. from_ndarray), "
+        f"i.e. {(old_in - new_in + old_out - new_out) * load / 1000:.1f} core-s/s less at this load.")
+    t_ms = _by(st, "s_reformat_t")
+    if t_ms > 0:
         lines.append(
-            f"- The server's two colour conversions run on fresh frames, so PyAV builds a new SwsContext "
-            f"with auto threads for each (here each one started {f'{per:g}' if per is not None else '?'} native threads): "
-            f"{fresh:.2f} ms CPU (to rgb24) and {rf:.2f} ms (rgb24->yuv420p inside encode). One reused "
-            f"single-threaded VideoReformatter per session: {reuse:.2f} and {rfr:.2f} ms, i.e. "
-            f"{save:.1f} core-s/s less at this load.")
-        t_ms = _by(st, "s_reformat_t")
-        if t_ms > 0:
-            lines.append(
-                f"- On a {target_cores}-core machine auto threads means a {target_cores}-thread pool per fresh "
-                f"conversion; emulated here (threads={target_cores}): {t_ms:.2f} ms CPU per rgb24->yuv420p conversion "
-                f"(vs {rf:.2f} with auto threads on these {cores} cores). If both conversions per frame cost that, "
-                f"they alone would take ~{2 * t_ms * load / 1000:.1f} core-s/s at this load.")
+            f"- On a {target_cores}-core machine auto threads means a {target_cores}-thread pool per fresh "
+            f"conversion; emulated here (threads={target_cores}): {t_ms:.2f} ms CPU per rgb24->yuv420p conversion "
+            f"(vs {_by(st, 's_reformat'):.2f} with auto threads on these {cores} cores). If both per-frame conversions "
+            f"cost that, they alone would take ~{2 * t_ms * load / 1000:.1f} core-s/s at this load.")
     codec_sc, py_sc = sc.get("codec_chain") or [], sc.get("python_chain") or []
     noisy = [r for rows in sc.values() for r in rows if r["others_cpu_pct"] > 25]
     if noisy:
@@ -519,7 +525,7 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                              f"| {_f(r['fps_per_thread'], 1)} | {_f(r['fps'] / base if base else 0.0)} "
                              f"| {_f(r['cpu_pct'], 0)} | {_f(r['cpu_ms_per_frame'], 3)} "
                              f"| {_f(r['others_cpu_pct'], 0)} |")
-        lines += ["", "codec chain = decode -> to_ndarray(rgb24) -> from_ndarray -> encode (own decoder/encoder per "
+        lines += ["", "codec chain = decode -> FrameConverter to rgb24 and back to yuv420p -> encode (own decoder/encoder per "
                   "thread); python chain = SRTP unprotect + RTP parse + depayload of one frame's packets, then RTP "
                   "serialize + SRTP protect of one frame's packets. CPU % is of one core; other processes = the rest of "
                   "the machine's CPU in the same window (if large, the numbers are contended)."]

@@ -43,7 +43,7 @@ def test_bench_video_codec_quick(tmp_path):
     stages = _table(md, "VP8: per-stage cost")
     keys = {s["key"] for s in data["results"][0]["stages"]}
     assert {"c_from_yuv", "c_encode", "c_tx", "s_rx", "s_decode", "s_rgb", "s_yuv", "s_stack", "s_from_rgb",
-            "s_encode", "s_reformat", "s_encode_yuv", "s_tx", "c_rx", "c_decode", "c_read_y"} <= keys
+            "s_encode", "s_reformat", "s_encode_rgb", "s_rgb_fresh", "s_tx", "c_rx", "c_decode", "c_read_y"} <= keys
     assert len(stages) == len(keys)
     for row in stages:
         assert row[0] in ("server", "client")
