@@ -30,7 +30,7 @@ from silero_vad.utils_vad import get_speech_timestamps_from_probs  # noqa: E402
 torch.set_num_threads(_threads)
 
 from .handlers import AsyncStreamHandler, EmitType
-from .utils import create_message, to_mono
+from .utils import call_on_loop, create_message, to_mono
 from .vad_engine import VAD_RATE, WINDOW, VADStream, get_vad_engine
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ class ReplyOnPause(AsyncStreamHandler):
         self._out: asyncio.Queue[EmitType] = asyncio.Queue(maxsize=64)
         self._reply: asyncio.Task | None = None
         self.replies_started = 0
+        self._shut_down = False
 
     def copy(self) -> ReplyOnPause:
         clone = ReplyOnPause(
@@ -145,7 +146,7 @@ class ReplyOnPause(AsyncStreamHandler):
 
     # -- input -----------------------------------------------------------------------------
     async def receive(self, frame: tuple[int, np.ndarray]) -> None:
-        if self.responding and not self.can_interrupt:
+        if self._shut_down or (self.responding and not self.can_interrupt):
             return
         sr, array = frame
         audio = to_mono(np.asarray(array))
@@ -163,6 +164,9 @@ class ReplyOnPause(AsyncStreamHandler):
     def _reset_vad(self, sr: int) -> None:
         if self._vad is not None:
             self._vad.close()
+            self._vad = None
+        if self._shut_down:  # a frame that raced the session's end: never take a new slot
+            raise RuntimeError("ReplyOnPause: the connection has ended")
         self._vad = get_vad_engine().open_stream(sr)
         self._state = _TurnState(sample_rate=sr)
 
@@ -218,7 +222,7 @@ class ReplyOnPause(AsyncStreamHandler):
                 sentinel = object()
                 while True:
                     # A sync generator may do blocking model work: step it on a thread.
-                    item = await asyncio.to_thread(next, result, sentinel)
+                    item = await self.run_blocking(next, result, sentinel)
                     if item is sentinel:
                         break
                     first = await self._put(item, first)
@@ -249,8 +253,13 @@ class ReplyOnPause(AsyncStreamHandler):
         return await self._out.get()
 
     def shutdown(self) -> None:
+        """May run on a handler thread: the reply task is cancelled on its own loop."""
+        self._shut_down = True
         if self._reply is not None:
-            self._reply.cancel()
+            if self._loop is not None:
+                call_on_loop(self._loop, self._reply.cancel)
+            else:
+                self._reply.cancel()
         if self._vad is not None:
             self._vad.close()
             self._vad = None

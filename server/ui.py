@@ -38,22 +38,12 @@ OUTPUT_MIN_INTERVAL_S = 0.1  # additional outputs reach the page at most ~10 tim
 
 
 def attach_ui(stream: Stream) -> None:
-    """Mount the stream's Gradio interface at `/ui` (built lazily, on the first request)."""
+    """Mount the stream's Gradio interface at `/ui` (built lazily, on the first request).
+    The stream's lifespan closes it."""
     ui = LazyGradioUI(stream)
     stream.ui_app = ui  # type: ignore[attr-defined]
     # `Stream.mount` is FastRTC's (app, path) signature: mount through the router instead.
     stream.router.mount(UI_PATH, app=ui, name="ui")
-    old_lifespan = stream.router.lifespan_context
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Any) -> Any:
-        async with old_lifespan(app) as state:
-            try:
-                yield state
-            finally:
-                await ui.aclose()
-
-    stream.router.lifespan_context = lifespan
 
 
 class LazyGradioUI:
