@@ -506,7 +506,7 @@ class VideoPipeline:
         self.output = ProcessedVideoTrack()
         settings = session.stream.settings
         self.max_pixels = settings.video_max_pixels
-        self.pixels = TokenBucket(settings.video_pixel_rate, max(settings.video_pixel_rate, self.max_pixels))
+        self.pixels = TokenBucket(settings.video_pixel_rate, settings.video_pixel_rate)  # 1 s of budget
         self.received = 0
         self.processed = 0
         self.dropped = 0
@@ -550,7 +550,7 @@ class VideoPipeline:
             frame, self.mailbox = self.mailbox, None
             if frame is None:
                 continue
-            if not self.pixels.take(frame.width * frame.height):
+            if not self.pixels.take(min(frame.width * frame.height, self.pixels.burst)):
                 self.dropped += 1  # over this session's pixel budget: a later frame will do
                 continue
             args = tuple(session.latest_args if session.latest_args is not None else session.stream.default_args)
