@@ -211,6 +211,9 @@ async def negotiate(stream: Stream, webrtc_id: str, sdp: str) -> JSONResponse:
         session = stream.open_session(webrtc_id, channel, kind="webrtc")
     except Refused as r:
         return JSONResponse(r.body())
+    except Exception as e:  # the handler's copy() raised: not the client's fault
+        logger.exception("could not open a session")
+        return _failed("negotiation_failed", 500, detail=f"{type(e).__name__}: {e}")
     pc = RTCPeerConnection(rtc_configuration(stream.server_rtc_configuration))
     conn = WebRTCConnection(stream, session, pc, channel)
     try:

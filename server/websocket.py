@@ -247,6 +247,10 @@ async def handle_websocket(stream: Stream, ws: WebSocket, *, phone_mode: bool = 
                     channel.send(json.dumps(r.body()))
                     conn.code, conn.reason = 1008, "refused"
                     break
+                except Exception as e:  # the handler's copy() raised
+                    logger.exception("could not open a session")
+                    conn.fatal(1011, f"could not start the session: {type(e).__name__}: {e}")
+                    break
                 session.on_close(conn.finish)
                 conn.log = session.log
                 channel.log = session.log
