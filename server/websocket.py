@@ -154,12 +154,17 @@ class _Connection:
         self.writer = asyncio.create_task(_writer(ws, self.channel))
         self.code, self.reason = 1000, "bye"
         self.client_gone = False
+        self.abusive = False
         self._finished = False
 
-    def fatal(self, code: int, text: str) -> None:
-        """Tell the client why, then close with `code` (after the loop ends)."""
-        self.channel.send(create_message("error", text))
+    def fatal(self, code: int, text: str, *, abusive: bool = False) -> None:
+        """Tell the client why, then close with `code` (after the loop ends). An `abusive`
+        client (a flood, an oversized frame) is not waited for: queued messages are dropped
+        and its socket stops being read at once."""
         self.code, self.reason = code, text[:120]
+        self.abusive = abusive
+        if not abusive:
+            self.channel.send(create_message("error", text))
 
     async def finish(self) -> None:
         """Flush queued messages (errors, end_stream), then close: once, from whichever
@@ -167,6 +172,9 @@ class _Connection:
         if self._finished:
             return
         self._finished = True
+        if self.abusive:
+            await self._drop()
+            return
         if not self.client_gone:
             try:
                 self.channel.queue.put_nowait(None)
@@ -182,6 +190,25 @@ class _Connection:
                 await ws.close(code=self.code, reason=self.reason)
             except Exception:  # the client went away meanwhile
                 pass
+
+    async def _drop(self) -> None:
+        """Close an abusive client's socket now. A closing handshake would keep reading (and
+        parsing, in Python) whatever the client still has in flight, megabytes of a flood,
+        until its close reply arrives: the event loop of every session would pay for it."""
+        self.writer.cancel()
+        ws = self.ws
+        try:
+            if ws.application_state == WebSocketState.CONNECTED:
+                await ws.send_text(create_message("error", self.reason))
+                await ws.close(code=self.code, reason=self.reason)
+        except Exception:
+            pass
+        # Starlette keeps the server's receive callable; uvicorn's protocols (websockets,
+        # wsproto, sans-io) all hold their transport. Closing it flushes what we wrote and
+        # stops reading. Elsewhere the graceful close above is all there is.
+        transport = getattr(getattr(getattr(ws, "_receive", None), "__self__", None), "transport", None)
+        if transport is not None and hasattr(transport, "close"):
+            transport.close()
 
 
 async def handle_websocket(stream: Stream, ws: WebSocket, *, phone_mode: bool = False) -> None:
@@ -205,10 +232,10 @@ async def handle_websocket(stream: Stream, ws: WebSocket, *, phone_mode: bool = 
             text = raw.get("text")
             data = text if text is not None else (raw.get("bytes") or b"")
             if len(data) > MAX_MESSAGE_BYTES:
-                conn.fatal(1009, f"message too large ({len(data)} bytes > {MAX_MESSAGE_BYTES})")
+                conn.fatal(1009, f"message too large ({len(data)} bytes > {MAX_MESSAGE_BYTES})", abusive=True)
                 break
             if not messages.take() or not volume.take(len(data)):
-                conn.fatal(1008, f"too many messages: at most {MAX_MESSAGES_PER_S:g} a second")
+                conn.fatal(1008, f"too many messages: at most {MAX_MESSAGES_PER_S:g} a second", abusive=True)
                 break
             if text is None:
                 channel.send(create_message("error", "binary frames are not supported; send JSON text"))
