@@ -1138,7 +1138,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    command = "python -m benchmarks.bench_reply " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    command = " ".join(["python -m benchmarks.bench_reply", *(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))])
     t_all = time.monotonic()
     code_version_at_start = code_version()
     # Workloads per (frame length, VAD kind): the per-call model's pauses are replayed with it.
