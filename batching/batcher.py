@@ -17,7 +17,14 @@ from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Generic, TypeVar
 
-from .errors import BatcherClosed, DeadlineExceeded, QueueFullError, ResultCountError, WholeBatchError
+from .errors import (
+    BatcherClosed,
+    DeadlineExceeded,
+    FaultySource,
+    QueueFullError,
+    ResultCountError,
+    WholeBatchError,
+)
 from .policy import FlushDecision, RuntimePredictor, decide_flush
 from .stats import BatcherStats
 
@@ -34,7 +41,7 @@ _IDLE_WAIT_S = 5.0
 
 
 class _Item:
-    __slots__ = ("payload", "key", "loop", "future", "deadline", "drop_if_late", "enqueued_at")
+    __slots__ = ("payload", "key", "loop", "future", "deadline", "drop_if_late", "enqueued_at", "source")
 
     def __init__(
         self,
@@ -45,7 +52,9 @@ class _Item:
         deadline: float | None,
         drop_if_late: bool,
         enqueued_at: float,
+        source: Hashable | None = None,
     ) -> None:
+        self.source = source
         self.payload = payload
         self.key = key
         self.loop = loop
@@ -132,6 +141,8 @@ class DynamicBatcher(Generic[T, R]):
 
         self._cond = threading.Condition(threading.Lock())
         self._queue: deque[_Item] = deque()
+        self._suspects: set[Hashable] = set()  # sources whose items run alone for now
+        self._faulty: set[Hashable] = set()  # sources refused (see WholeBatchError.isolate)
         self._producers = 0
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -139,14 +150,23 @@ class DynamicBatcher(Generic[T, R]):
     # ------------------------------------------------------------------ public API
 
     def submit(
-        self, item: T, *, deadline: float | None = None, drop_if_late: bool = False
+        self,
+        item: T,
+        *,
+        deadline: float | None = None,
+        drop_if_late: bool = False,
+        source: Hashable | None = None,
     ) -> asyncio.Future[R]:
         """Queue ``item``; return a future (of the calling thread's running loop) for its result.
 
         ``deadline`` is absolute ``time.monotonic()`` seconds; it steers the flush policy. With
         ``drop_if_late=True`` an item whose deadline has passed before it runs is dropped and
         its future fails with DeadlineExceeded (video: a newer frame exists); without it an
-        item is never dropped for lateness (audio). Thread-safe.
+        item is never dropped for lateness (audio). ``source`` names who submitted it (e.g. a
+        session): when a batch fails as a whole in a way that ``isolate``s, the items of its
+        sources are retried alone, and a source whose item fails alone again is refused with
+        ``FaultySource`` from then on, so one poisonous input cannot stop everyone's work.
+        Thread-safe.
 
         Raises:
             QueueFullError: ``max_queue_size`` items are already waiting.
@@ -166,6 +186,9 @@ class DynamicBatcher(Generic[T, R]):
         with self._cond:
             if self._closed:
                 raise BatcherClosed(f"batcher {self.name!r} is closed")
+            if source is not None and source in self._faulty:
+                raise FaultySource(f"batcher {self.name!r}: this source's items made the batch "
+                                   "function fail twice, the second time alone; it is refused", source)
             if drop_if_late and deadline is not None and deadline <= now:
                 # Already late on arrival: don't let it occupy the queue.
                 self.stats.add(submitted=1, dropped_late=1)
@@ -178,7 +201,7 @@ class DynamicBatcher(Generic[T, R]):
                     raise QueueFullError(
                         f"batcher {self.name!r}: queue full ({self.max_queue_size} items waiting)"
                     )
-            self._queue.append(_Item(item, key, loop, fut, deadline, drop_if_late, now))
+            self._queue.append(_Item(item, key, loop, fut, deadline, drop_if_late, now, source))
             self.stats.add(submitted=1)
             self.stats.set_queue_depth(len(self._queue))
             if self._thread is None:
@@ -209,6 +232,20 @@ class DynamicBatcher(Generic[T, R]):
     @property
     def producers(self) -> int:
         return self._producers
+
+    def forget_source(self, source: Hashable) -> None:
+        """The source is gone (its session ended): drop what was known about it."""
+        with self._cond:
+            self._suspects.discard(source)
+            self._faulty.discard(source)
+
+    @property
+    def suspects(self) -> int:
+        return len(self._suspects)
+
+    @property
+    def faulty(self) -> int:
+        return len(self._faulty)
 
     @property
     def queue_depth(self) -> int:
@@ -334,13 +371,18 @@ class DynamicBatcher(Generic[T, R]):
                 self._cond.wait(max(0.0, wake_at - now))
 
     def _candidates(self) -> list[list[_Item]]:
-        """Candidate batch per group key, oldest group first, each FIFO, capped at max size."""
+        """Candidate batch per group key, oldest group first, each FIFO, capped at max size.
+        An item of a suspect source is a group of its own (it runs alone)."""
         cap = self.max_batch_size
-        if self.group_key is None:
+        suspects = self._suspects
+        if self.group_key is None and not suspects:
             q = self._queue
             return [[q[i] for i in range(min(cap, len(q)))]]
         groups: dict[Hashable, list[_Item]] = {}
         for it in self._queue:
+            if suspects and it.source is not None and it.source in suspects:
+                groups[("__alone__", id(it))] = [it]
+                continue
             g = groups.setdefault(it.key, [])
             if len(g) < cap:
                 g.append(it)
@@ -392,6 +434,9 @@ class DynamicBatcher(Generic[T, R]):
         try:
             results = self.fn([it.payload for it in items])
         except Exception as e:
+            if isinstance(e, WholeBatchError) and e.isolate and any(it.source is not None for it in items):
+                self._isolate(items, e)
+                return
             if len(items) == 1 or isinstance(e, WholeBatchError):
                 self.stats.add(failed=len(items))
                 _deliver([(it, False, e) for it in items])
@@ -419,4 +464,48 @@ class DynamicBatcher(Generic[T, R]):
             return
         self.predictor.observe(len(items), dt)
         self.stats.add(completed=len(items))
+        if self._suspects:
+            with self._cond:
+                for it in items:  # a suspect whose item ran fine alone is cleared
+                    self._suspects.discard(it.source)
         _deliver([(it, True, results[i]) for i, it in enumerate(items)])
+
+    def _isolate(self, items: list[_Item], error: WholeBatchError) -> None:
+        """A batch failed as a whole (a worker died or hung). Alone and already suspect: its
+        source is faulty. Otherwise every source in it becomes suspect and its items go back
+        to the front of the queue, to run alone (a late video frame is then simply dropped)."""
+        retry: list[_Item] = []
+        failed: list[tuple[_Item, bool, Any]] = []
+        with self._cond:
+            if len(items) == 1 and items[0].source in self._suspects:
+                source = items[0].source
+                self._suspects.discard(source)
+                self._faulty.add(source)
+                exc = FaultySource(
+                    f"batcher {self.name!r}: the batch function failed on this source's item "
+                    f"alone after failing on a batch holding it ({error}); its items are refused",
+                    source,
+                )
+                exc.__cause__ = error
+                failed.append((items[0], False, exc))
+                keep: deque[_Item] = deque()
+                for it in self._queue:
+                    if it.source == source:
+                        failed.append((it, False, exc))
+                    else:
+                        keep.append(it)
+                self._queue = keep
+                log.warning("batcher %r: a source failed alone after a whole-batch failure; refusing it", self.name)
+            else:
+                for it in items:
+                    if it.source is None:
+                        failed.append((it, False, error))
+                    else:
+                        self._suspects.add(it.source)
+                        retry.append(it)
+                self._queue.extendleft(reversed(retry))
+                self.stats.set_queue_depth(len(self._queue))
+            self.stats.add(failed=len(failed), isolated=len(retry))
+            self._cond.notify()
+        if failed:
+            _deliver(failed)

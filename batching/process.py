@@ -45,9 +45,13 @@ _ALIGN = 64
 class WorkerCrashed(WholeBatchError, RuntimeError):
     """The worker process died (or failed to start); the next call starts a fresh one."""
 
+    isolate = True
+
 
 class WorkerTimeout(WholeBatchError, TimeoutError):
     """A call ran past `call_timeout_s`; the worker was killed and the next call starts a fresh one."""
+
+    isolate = True
 
 
 class RunnerClosed(BatcherClosed):
@@ -192,10 +196,14 @@ class ProcessRunner:
         if self._closed:  # close() raced with the start
             self._reset()
             raise RunnerClosed(f"runner {self.name!r} is closed")
-        msg = self._recv(time.monotonic() + self.start_timeout_s, "start")
-        if msg[0] != "ready":
-            self._reset(crashed=True)
-            raise WorkerCrashed(f"worker batchrtc-{self.name} failed to start:\n{msg[1]}")
+        try:
+            msg = self._recv(time.monotonic() + self.start_timeout_s, "start")
+            if msg[0] != "ready":
+                self._reset(crashed=True)
+                raise WorkerCrashed(f"worker batchrtc-{self.name} failed to start:\n{msg[1]}")
+        except WholeBatchError as e:
+            e.isolate = False  # the worker, not any item, is at fault: nothing to isolate
+            raise
         if self._out is None:
             self._out = self._new_block(self.initial_bytes)
         logger.info("worker batchrtc-%s started (pid %s) in %.2f s", self.name, proc.pid, time.monotonic() - t0)

@@ -26,7 +26,9 @@ class BatcherStats:
     ``dropped_closed``, or is still queued / running. Refused submits count in
     ``rejected_full`` only. ``batches`` counts flushed batches (bisection retries are counted
     in ``bisect_calls``), so ``sum(batch_size_hist.values()) == batches`` and
-    ``sum(size * count) == completed + failed`` once everything has finished.
+    ``sum(size * count) == completed + failed + isolated`` once everything has finished
+    (``isolated``: items of a batch that failed as a whole, put back to run alone; each is
+    counted again in the batch it later runs in, or as dropped).
     """
 
     def __init__(self, name: str = "batcher", window: int = 2048) -> None:
@@ -41,6 +43,7 @@ class BatcherStats:
         self.rejected_full = 0
         self.batches = 0
         self.bisect_calls = 0
+        self.isolated = 0
         self.queue_depth = 0
         self.batch_size_hist: Counter[int] = Counter()
         self.flush_reasons: Counter[str] = Counter()
@@ -85,6 +88,7 @@ class BatcherStats:
                 "rejected_full": self.rejected_full,
                 "batches": self.batches,
                 "bisect_calls": self.bisect_calls,
+                "isolated": self.isolated,
                 "queue_depth": self.queue_depth,
                 "batch_size_hist": hist,
                 "mean_batch_size": (items / self.batches) if self.batches else 0.0,

@@ -24,7 +24,11 @@ stream = Stream(
     additional_outputs=[gr.JSON(label="Detections")],
     additional_outputs_handler=lambda old, new: new,
     concurrency_limit=int(os.environ.get("BATCHRTC_CONCURRENCY", "64")),
-    ui_args={"title": "Batched face detection"},
+    ui_args={
+        "title": "Batched face detection",
+        "subtitle": "Press Start and allow the camera: faces get boxes, their scores appear "
+        "on the right. The slider sets the confidence threshold.",
+    },
 )
 
 

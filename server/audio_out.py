@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import numpy as np
 
 from models.resample import StreamingResampler
 
 from .utils import audio_to_float32, audio_to_int16, to_mono
+
+# An exact ratio like 16000/16001 would need a polyphase filter of 16,000 branches (~1 GB,
+# seconds to design on the event loop). Ratios are taken to the nearest fraction whose
+# terms are at most this (every common rate pair, e.g. 11025 -> 48000 = 640/147, is exact;
+# an odd rate like 16001 Hz is off by at most ~0.05% in pitch, which nobody hears).
+MAX_RATIO_TERM = 1024
+
+
+def resampling_ratio(orig_sr: int, new_sr: int) -> tuple[int, int]:
+    """(up, down) for orig_sr -> new_sr: exact when both terms are at most MAX_RATIO_TERM,
+    else the closest fraction whose terms are (a search over 1,024 denominators, ~0.3 ms,
+    once per new rate of a session)."""
+    exact = Fraction(int(new_sr), int(orig_sr))
+    if max(exact.numerator, exact.denominator) <= MAX_RATIO_TERM:
+        return exact.numerator, exact.denominator
+    target = new_sr / orig_sr
+    best = (math.inf, 1, 1)
+    for down in range(1, MAX_RATIO_TERM + 1):
+        up = min(MAX_RATIO_TERM, max(1, round(target * down)))
+        err = abs(up / down - target)
+        if err < best[0]:
+            best = (err, up, down)
+    return best[1], best[2]
 
 
 class AudioOut:
@@ -29,7 +55,8 @@ class AudioOut:
             return audio_to_int16(mono)
         if sample_rate != self._rate:
             self._rate = sample_rate
-            self._rs = StreamingResampler(sample_rate, self.target_rate, device="cpu")
+            up, down = resampling_ratio(sample_rate, self.target_rate)
+            self._rs = StreamingResampler(down, up, device="cpu")
             self._hist = np.zeros(self._rs.history_size, dtype=np.float32)
             self._carry = np.zeros(0, dtype=np.float32)
         assert self._rs is not None and self._hist is not None

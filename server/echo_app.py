@@ -30,13 +30,21 @@ stream = Stream(
     modality="audio",
     mode="send-receive",
     concurrency_limit=int(os.environ.get("BATCHRTC_CONCURRENCY", "256")),
+    ui_args={
+        "title": "ReplyOnPause echo",
+        "subtitle": "Press Start and allow the microphone, say a sentence, then pause: "
+        "about a second later you hear it back. Speak again to interrupt.",
+    },
 )
 
 
 @stream.get("/", response_class=HTMLResponse)
 async def index() -> str:
     return (
-        "<h1>batchrtc</h1><p>ReplyOnPause echo. Connect a FastRTC WebSocket client to "
-        "<code>/websocket/offer</code> (mu-law at 48 kHz in, 24 kHz out).</p>"
+        "<h1>batchrtc: ReplyOnPause echo</h1>"
+        '<p>Open <a href="/ui">/ui</a> to try it: press Start, speak, pause, and hear yourself '
+        "back. Clients connect with FastRTC's <code>POST /webrtc/offer</code> "
+        '(<a href="/webrtc/docs">docs</a>) or a WebSocket at <code>/websocket/offer</code> '
+        '(mu-law at 48 kHz in, 24 kHz out; <a href="/websocket/docs">docs</a>).</p>'
         f"<p>{stream.active_sessions} active session(s).</p>"
     )

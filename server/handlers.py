@@ -8,6 +8,7 @@ handler subclasses run unchanged. The difference is in how the front ends drive 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import warnings
 from abc import ABC, abstractmethod
@@ -44,11 +45,23 @@ class DataChannel(ABC):
 
 @dataclass
 class VideoStreamHandler:
-    """A per-frame video callable with FastRTC's options."""
+    """A per-frame video callable with FastRTC's options: `Stream(VideoStreamHandler(fn))`
+    serves `fn` like a plain per-frame function. Frames are always taken freshest-first
+    (`skip_frames=False` does not queue a backlog: a slow handler drops frames, never adds
+    latency); `fps` paces the outgoing track of `mode="receive"` generators."""
 
     callable: Callable[..., Any]
     fps: int = 30
     skip_frames: bool = False
+
+    def __post_init__(self) -> None:
+        if not callable(self.callable):
+            raise TypeError(f"VideoStreamHandler needs a callable, got {type(self.callable).__name__}")
+        if not isinstance(self.fps, (int, float)) or not 0 < self.fps <= 240:
+            raise ValueError(f"fps must be in (0, 240], got {self.fps!r}")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.callable(*args, **kwargs)
 
 
 class StreamHandlerBase(ABC):
@@ -82,8 +95,10 @@ class StreamHandlerBase(ABC):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._phone_mode = False
         self._clear_queue: Callable[[], None] | None = None
-        # Set by the session: how a handler reports an error it caught itself.
+        # Set by the session: how a handler reports an error it caught itself, and where it
+        # runs blocking calls (the session's handler pool, abandoned when cancelled).
         self._report_error: Callable[[BaseException], None] | None = None
+        self._run_blocking: Callable[..., Any] | None = None
         self.args_set = asyncio.Event()
         self.channel_set = asyncio.Event()
 
@@ -147,6 +162,13 @@ class StreamHandlerBase(ABC):
 
     def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Called once when the connection ends, however it ends."""
+
+    async def run_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a blocking call off the event loop (on the session's handler threads when
+        attached to one, so a call that never returns costs capacity, not progress)."""
+        if self._run_blocking is not None:
+            return await self._run_blocking(fn, *args)
+        return await asyncio.to_thread(fn, *args)
 
 
 class StreamHandler(StreamHandlerBase):
@@ -222,8 +244,6 @@ class GeneratorSource(AsyncStreamHandler):
         return None
 
     async def emit(self) -> EmitType:
-        import inspect
-
         if self._gen is None:
             args = self.latest_args[1:] if self.latest_args else self.default_args
             self._gen = self.fn(*args)
@@ -233,5 +253,5 @@ class GeneratorSource(AsyncStreamHandler):
             except StopAsyncIteration:
                 return CloseStream("stream ended")
         end = object()
-        item = await asyncio.to_thread(next, self._gen, end)
+        item = await self.run_blocking(next, self._gen, end)
         return CloseStream("stream ended") if item is end else item

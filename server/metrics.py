@@ -583,6 +583,15 @@ def _device_str(dev: Any) -> str:
     return f"{dev.type}:{dev.index if dev.index is not None else 0}"
 
 
+def batcher_names(stream: Any) -> list[str]:
+    """Names of the batchers `/metrics` reports for `stream` (those that exist now)."""
+    return [name for name, _ in _batchers(stream)]
+
+
+def device_name(stream: Any) -> str:
+    return _device(stream)
+
+
 def add_routes(router: Any, stream: Any) -> None:
     """`GET /metrics` and `GET /health` for `stream`."""
     registry = build_registry(stream)

@@ -24,7 +24,7 @@ import numpy as np
 
 from .handlers import AsyncStreamHandler, EmitType
 from .pause_detection import ModelOptions, PauseDetectionModel, SileroVadOptions, speech_timestamps
-from .utils import create_message, to_mono
+from .utils import call_on_loop, create_message, to_mono
 from .vad_engine import VAD_RATE, VADStream, get_vad_engine
 
 logger = logging.getLogger(__name__)
@@ -130,6 +130,7 @@ class ReplyOnPause(AsyncStreamHandler):
         self._out: asyncio.Queue[EmitType] = asyncio.Queue(maxsize=64)
         self._reply: asyncio.Task | None = None
         self.replies_started = 0
+        self._shut_down = False
 
     def copy(self) -> ReplyOnPause:
         clone = ReplyOnPause(
@@ -163,7 +164,7 @@ class ReplyOnPause(AsyncStreamHandler):
 
     # -- input -----------------------------------------------------------------------------
     async def receive(self, frame: tuple[int, np.ndarray]) -> None:
-        if self.responding and not self.can_interrupt:
+        if self._shut_down or (self.responding and not self.can_interrupt):
             return
         sr, array = frame
         if self.expected_layout == "stereo":
@@ -185,14 +186,17 @@ class ReplyOnPause(AsyncStreamHandler):
         if self._vad is not None:
             self._vad.close()
             self._vad = None
+        if self._shut_down:  # a frame that raced the session's end: never take a new slot
+            raise RuntimeError("ReplyOnPause: the connection has ended")
         if self.model is None:  # a custom model keeps no per-connection state of ours
             self._vad = get_vad_engine().open_stream(sr)
         self._state = _TurnState(sample_rate=sr)
 
     async def _speech_seconds(self, sr: int, mono: np.ndarray) -> float:
         if self.model is not None:
-            # FastRTC's path: one blocking call per chunk; never on the event loop.
-            dur, _ = await asyncio.to_thread(self.model.vad, (sr, mono), self._model_options)
+            # FastRTC's path: one blocking call per chunk, on the session's handler threads
+            # (never on the event loop).
+            dur, _ = await self.run_blocking(self.model.vad, (sr, mono), self._model_options)
             return float(dur)
         assert self._vad is not None
         return speech_seconds(await self._vad.process(mono), self.model_options)
@@ -277,7 +281,7 @@ class ReplyOnPause(AsyncStreamHandler):
                 sentinel = object()
                 while True:
                     # A sync generator may do blocking model work: step it on a thread.
-                    item = await asyncio.to_thread(next, result, sentinel)
+                    item = await self.run_blocking(next, result, sentinel)
                     if item is sentinel:
                         break
                     first = await self._put(item, first)
@@ -311,8 +315,13 @@ class ReplyOnPause(AsyncStreamHandler):
         return await self._out.get()
 
     def shutdown(self) -> None:
+        """May run on a handler thread: the reply task is cancelled on its own loop."""
+        self._shut_down = True
         if self._reply is not None:
-            self._reply.cancel()
+            if self._loop is not None:
+                call_on_loop(self._loop, self._reply.cancel)
+            else:
+                self._reply.cancel()
         if self._vad is not None:
             self._vad.close()
             self._vad = None

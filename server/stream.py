@@ -3,6 +3,10 @@
 `Stream(handler, ...)` *is* a FastAPI app (`uvicorn app:stream`, `@stream.get("/")`), and
 `stream.mount(app, path)` adds its routes to another app, as FastRTC 0.0.34 does. Every
 connection gets its own `handler.copy()`; model work is shared through the batchers.
+
+The stream owns: the session registry (ids, `concurrency_limit`), the handler threads, the
+batched handler's worker, the `/ui`; its lifespan starts and stops them, whether it is served
+itself or mounted onto another app.
 """
 
 from __future__ import annotations
@@ -10,20 +14,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI, HTTPException, WebSocket
 
-from .handlers import DataChannel, GeneratorSource, StreamHandlerBase
+from .config import Settings, load_settings
+from .handler_pool import HandlerPool
+from .handlers import DataChannel, GeneratorSource, StreamHandlerBase, VideoStreamHandler
 from .reply_on_pause import ReplyOnPause
+from .registry import SessionRegistry
 from .session import Session
 from .utils import AdditionalOutputs, create_message
 from .video import BatchedHandler
 
 logger = logging.getLogger(__name__)
+announce = logging.getLogger("uvicorn.error")  # printed by uvicorn's default log config
 
 Modality = Literal["video", "audio", "audio-video"]
 Mode = Literal["send-receive", "receive", "send"]
@@ -33,7 +40,7 @@ class UnknownConnection(HTTPException):
     """`set_input`/`output_stream` for an id that is not connected: a clear 404."""
 
     def __init__(self, webrtc_id: str) -> None:
-        super().__init__(404, detail=f"unknown connection {webrtc_id!r}")
+        super().__init__(404, detail="unknown connection")
         self.webrtc_id = webrtc_id
 
 
@@ -69,12 +76,14 @@ class Stream(FastAPI):
             )
         if concurrency_limit in ("default", None):
             limit = 1  # FastRTC's default: one connection
-        elif isinstance(concurrency_limit, int) and concurrency_limit >= 1:
+        elif isinstance(concurrency_limit, int) and not isinstance(concurrency_limit, bool) and concurrency_limit >= 1:
             limit = concurrency_limit
         else:
             raise ValueError(f"concurrency_limit must be a positive int, 'default' or None, got {concurrency_limit!r}")
         if time_limit is not None and time_limit <= 0:
             raise ValueError(f"time_limit must be positive seconds, got {time_limit!r}")
+        if handler_timeout is not None and handler_timeout <= 0:
+            raise ValueError(f"handler_timeout must be positive seconds or None, got {handler_timeout!r}")
         fastapi_kwargs.setdefault("title", "batchrtc stream")
         fastapi_kwargs.setdefault("lifespan", self._lifespan)
         super().__init__(**fastapi_kwargs)
@@ -96,7 +105,9 @@ class Stream(FastAPI):
         # Per-call limit for handler calls that should return promptly (receive, per-frame
         # video); a call that outlives it ends its session. `emit` may wait: no limit there.
         self.handler_timeout = handler_timeout
-        self.sessions: dict[str, Session] = {}
+        self.settings: Settings = load_settings()
+        self.pool = HandlerPool(self.settings.handler_threads, self.settings.handler_threads_lost)
+        self.registry = SessionRegistry(limit, capacity_check=self._capacity_problem)
         self.default_args = [getattr(c, "value", None) for c in self.additional_inputs]
         if isinstance(handler, ReplyOnPause):
             handler.default_args = list(self.default_args)
@@ -117,9 +128,9 @@ class Stream(FastAPI):
         async def telephone_handler(websocket: WebSocket) -> None:
             await handle_websocket(self, websocket, phone_mode=True)
 
-        from .webrtc import offer_endpoint
+        from .webrtc import OFFER_OPENAPI, offer_endpoint
 
-        router.add_api_route("/webrtc/offer", offer_endpoint(self), methods=["POST"])
+        router.add_api_route("/webrtc/offer", offer_endpoint(self), methods=["POST"], openapi_extra=OFFER_OPENAPI)
         router.add_api_websocket_route("/websocket/offer", websocket_offer)
         router.add_api_websocket_route("/telephone/handler", telephone_handler)
         # Each module adds its own routes (kept out of this file so each can be read alone).
@@ -130,14 +141,23 @@ class Stream(FastAPI):
         metrics.add_routes(router, self)
         return router
 
-    def mount(self, app: FastAPI, path: str = "") -> None:
+    def mount(self, app: FastAPI, path: str = "", tags: list[str | Any] | None = None) -> None:
         """Add this stream's routes (and its `/ui`) to another FastAPI app under `path`,
-        FastRTC's way."""
+        FastRTC's way; `tags` label them in the OpenAPI schema. The app's lifespan then also
+        runs this stream's (workers started, sessions closed at shutdown, `/ui` closed)."""
         prefix = path.rstrip("/")
-        app.include_router(self.rtc_router, prefix=prefix)
+        app.include_router(self.rtc_router, prefix=prefix, tags=tags)
         ui = getattr(self, "ui_app", None)
         if ui is not None:
             app.mount(f"{prefix}/ui", ui)
+        outer = app.router.lifespan_context
+
+        @contextlib.asynccontextmanager
+        async def lifespan(a: Any) -> AsyncIterator[Any]:
+            async with outer(a) as state, self._lifespan(a):
+                yield state
+
+        app.router.lifespan_context = lifespan
 
     def fastphone(self, *args: Any, **kwargs: Any) -> None:
         """FastRTC's temporary phone number needs an outside service: this explains how to
@@ -151,53 +171,78 @@ class Stream(FastAPI):
         batched = self.handler if isinstance(self.handler, BatchedHandler) else None
         if batched is not None:
             batched.start()  # load the model (in its process) before the first session
-        yield
-        await self.close_all("server shutdown")
-        if batched is not None:
-            await asyncio.to_thread(functools.partial(batched.close, restartable=True))
+        if isinstance(self.handler, ReplyOnPause) and self.handler.model is None:
+            from .vad_engine import get_vad_engine
+
+            await asyncio.to_thread(get_vad_engine)  # the shared VAD, loaded off the loop
+        if self.verbose:
+            self._announce()
+        try:
+            yield
+        finally:
+            await self.registry.close_all("server shutdown")
+            ui = getattr(self, "ui_app", None)
+            if ui is not None:
+                await ui.aclose()
+            if batched is not None:
+                await asyncio.to_thread(functools.partial(batched.close, restartable=True))
+
+    def _announce(self) -> None:
+        from .metrics import batcher_names, device_name
+
+        title = self.ui_args.get("title") or f"{self.modality} stream"
+        announce.info(
+            "batchrtc: %s (%s, %s): open /ui on this server in a browser to try it "
+            "(e.g. http://127.0.0.1:8000/ui); device %s; batchers: %s; at most %d sessions",
+            title, self.modality, self.mode, device_name(self), ", ".join(batcher_names(self)) or "none",
+            self.concurrency_limit,
+        )
 
     # -- sessions ----------------------------------------------------------------------------
-    def _open_session(
-        self, webrtc_id: str, channel: DataChannel, *, kind: str
-    ) -> tuple[Session | None, str | None]:
-        """Register a connection, or return FastRTC's refusal message. No await inside, so
-        the limit check and the registration cannot interleave with another connection."""
-        if webrtc_id in self.sessions:
-            return None, json.dumps(
-                {"status": "failed", "meta": {"error": "connection_already_exists", "webrtc_id": webrtc_id}}
+    @property
+    def sessions(self) -> SessionRegistry:
+        """Active sessions by id (read-only)."""
+        return self.registry
+
+    def _capacity_problem(self) -> str | None:
+        if self.pool.exhausted:
+            return (
+                f"{self.pool.lost} handler threads are stuck in calls that timed out or whose "
+                "session ended; new sessions are refused until they return (restart the server "
+                "if they never do, and fix the handler that hangs)"
             )
-        if len(self.sessions) >= self.concurrency_limit:
-            return None, json.dumps(
-                {"status": "failed", "meta": {"error": "concurrency_limit_reached", "limit": self.concurrency_limit}}
-            )
+        return None
+
+    def open_session(self, webrtc_id: str, channel: DataChannel, *, kind: str) -> Session:
+        """Register a connection, or raise `registry.Refused` with FastRTC's refusal. No await
+        inside, so the limit check and the registration cannot interleave with another."""
+        self.registry.admit(webrtc_id)
         handler = self.handler.copy() if hasattr(self.handler, "copy") else self.handler
-        if self.mode == "receive" and self.modality == "audio" and not isinstance(handler, StreamHandlerBase):
+        if isinstance(handler, VideoStreamHandler):
+            pass  # a per-frame callable: shared, stateless
+        elif self.mode == "receive" and self.modality == "audio" and not isinstance(handler, StreamHandlerBase):
             handler = GeneratorSource(handler, self.default_args)
         if isinstance(handler, ReplyOnPause) and not handler.default_args:
             handler.default_args = list(self.default_args)
-        session = Session(self, webrtc_id, handler, channel, kind=kind)
-        self.sessions[webrtc_id] = session
+        session = Session(self, webrtc_id, handler, channel, kind=kind, pool=self.pool)
+        self.registry.add(session)
         if self.time_limit is not None:
             session.spawn(self._enforce_time_limit(session), "time_limit")
         if self.verbose:
-            logger.info("session %s (%s) opened; %d active", webrtc_id, kind, len(self.sessions))
-        return session, None
+            logger.info("session %s (%s) opened; %d active", session.log_id, kind, len(self.registry))
+        return session
 
     async def _enforce_time_limit(self, session: Session) -> None:
         await asyncio.sleep(self.time_limit or 0)
         session.send(create_message("end_stream", "time limit reached"))
-        await session.close("time limit reached")
-
-    def _unregister(self, session: Session) -> None:
-        if self.sessions.get(session.webrtc_id) is session:
-            del self.sessions[session.webrtc_id]
+        session.close("time limit reached")
 
     async def close_all(self, reason: str) -> None:
-        await asyncio.gather(*(s.close(reason) for s in list(self.sessions.values())))
+        await self.registry.close_all(reason)
 
     def _session(self, webrtc_id: str) -> Session:
-        session = self.sessions.get(webrtc_id)
-        if session is None or session.closed.is_set():
+        session = self.registry.get(webrtc_id)
+        if session is None or not session.active:
             raise UnknownConnection(webrtc_id)
         return session
 
@@ -207,7 +252,8 @@ class Stream(FastAPI):
 
         Audio handlers see `latest_args == ["__webrtc_value__", *args]` (FastRTC's layout);
         per-frame video handlers get `args` after the frame. Unknown id: `UnknownConnection`
-        (an HTTP 404 when raised inside a route)."""
+        (an HTTP 404 when raised inside a route). The id is the only credential: whoever
+        knows a session's `webrtc_id` may set its inputs (FastRTC's model)."""
         session = self._session(webrtc_id)
         handler = session.handler
         if isinstance(handler, StreamHandlerBase):
@@ -215,22 +261,14 @@ class Stream(FastAPI):
         session.latest_args = list(args)
 
     def output_stream(self, webrtc_id: str) -> AsyncIterator[AdditionalOutputs]:
-        """One connection's `AdditionalOutputs` as they come, until it ends.
+        """One connection's `AdditionalOutputs` as they come, until it ends. Every reader
+        gets every output (at most 8 readers per session); every reader ends with it.
 
         The id is checked when this is called (not at the first iteration), so a route that
         calls it before building its `StreamingResponse` answers an unknown id with a 404."""
-        session = self._session(webrtc_id)
-
-        async def outputs() -> AsyncIterator[AdditionalOutputs]:
-            while True:
-                item = await session.outputs.get()
-                if item is None:
-                    return
-                yield item
-
-        return outputs()
+        return self._session(webrtc_id).output_stream()
 
     # -- telephone / UI parity -------------------------------------------------------------
     @property
     def active_sessions(self) -> int:
-        return len(self.sessions)
+        return len(self.registry)

@@ -15,6 +15,7 @@ point a real number at `/telephone/incoming` instead.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 from xml.sax.saxutils import escape, quoteattr
 
 from fastapi import APIRouter, Request
@@ -34,16 +35,23 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-def stream_url(request: Request) -> str:
+def stream_url(request: Request, public_url: str | None = None) -> str:
     """The `wss://HOST/PATH/telephone/handler` URL for the call, from the webhook request.
 
-    HOST is the request's Host header (a proxy in front, such as ngrok, passes the public
-    host). PATH is the prefix the stream's routes are mounted under. Plain `ws://` only for a
-    plain-http request to this machine itself (local testing); a provider needs `wss://`."""
-    host = request.headers.get("host") or (request.url.netloc or "localhost")
+    With `public_url` (`BATCHRTC_PUBLIC_URL`, e.g. `https://voice.example.com`) HOST comes
+    from it: the call's audio always goes where the operator says. Without it, HOST is the
+    request's Host header (a proxy in front, such as ngrok, passes the public host) -- which
+    whoever calls the webhook controls, so set `BATCHRTC_PUBLIC_URL` in production. PATH is
+    the prefix the stream's routes are mounted under. Plain `ws://` only for a plain-http
+    request to this machine itself (local testing) or an http `public_url`."""
     path = request.url.path
     prefix = path[: -len(INCOMING_PATH)] if path.endswith(INCOMING_PATH) else ""
     prefix = prefix.rstrip("/")
+    if public_url:
+        parts = urlsplit(public_url)
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}{prefix}{HANDLER_PATH}"
+    host = request.headers.get("host") or (request.url.netloc or "localhost")
     local = _host_name(host).lower() in LOCAL_HOSTS
     scheme = "ws" if request.url.scheme == "http" and local else "wss"
     return f"{scheme}://{host}{prefix}{HANDLER_PATH}"
@@ -80,7 +88,8 @@ def add_routes(router: APIRouter, stream: Any) -> None:
                 },
                 status_code=400,
             )
-        return Response(content=twiml(stream_url(request)), media_type="application/xml")
+        url = stream_url(request, stream.settings.public_url)
+        return Response(content=twiml(url), media_type="application/xml")
 
     router.add_api_route(INCOMING_PATH, telephone_incoming, methods=["POST"])
 

@@ -24,6 +24,7 @@ import html
 import inspect
 import json
 import logging
+import secrets
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -38,22 +39,12 @@ OUTPUT_MIN_INTERVAL_S = 0.1  # additional outputs reach the page at most ~10 tim
 
 
 def attach_ui(stream: Stream) -> None:
-    """Mount the stream's Gradio interface at `/ui` (built lazily, on the first request)."""
+    """Mount the stream's Gradio interface at `/ui` (built lazily, on the first request).
+    The stream's lifespan closes it."""
     ui = LazyGradioUI(stream)
     stream.ui_app = ui  # type: ignore[attr-defined]
     # `Stream.mount` is FastRTC's (app, path) signature: mount through the router instead.
     stream.router.mount(UI_PATH, app=ui, name="ui")
-    old_lifespan = stream.router.lifespan_context
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Any) -> Any:
-        async with old_lifespan(app) as state:
-            try:
-                yield state
-            finally:
-                await ui.aclose()
-
-    stream.router.lifespan_context = lifespan
 
 
 class LazyGradioUI:
@@ -258,19 +249,6 @@ function addLog(text, cls) {
   logEl.prepend(li);
   while (logEl.children.length > 6) logEl.lastChild.remove();
 }
-function offerUrl() {
-  const base = (window.gradio_config && window.gradio_config.root) || window.location.href;
-  const u = new URL(base, window.location.href);
-  let p = u.pathname.replace(/\/+$/, '');
-  const mount = (cfg.mount_path || '/ui').replace(/\/+$/, '');
-  if (p.endsWith(mount)) p = p.slice(0, p.length - mount.length);
-  return u.origin + p + '/webrtc/offer';
-}
-function newId() {
-  const a = new Uint8Array(12);
-  crypto.getRandomValues(a);
-  return Array.from(a, (b) => b.toString(16).padStart(2, '0')).join('');
-}
 function constraints() {
   const tc = cfg.track_constraints;
   const split = tc && typeof tc === 'object' && ('video' in tc || 'audio' in tc);
@@ -348,7 +326,6 @@ function onTrack(track) {
 }
 async function start() {
   if (pc) return;
-  const id = newId();
   btn.disabled = true;
   setStatus('Connecting…', 'connecting');
   const conn = new RTCPeerConnection(Object.assign({iceServers: []}, cfg.rtc_configuration || {}));
@@ -387,10 +364,10 @@ async function start() {
     }
     timer = setInterval(tick, 100);
     const late = [];
-    let answered = false, offered = false;
-    const url = offerUrl();
-    const postCandidate = (c) => fetch(url, {method: 'POST', headers: {'Content-Type': 'application/json'},
-      body: JSON.stringify({type: 'ice-candidate', webrtc_id: id, candidate: c})}).catch(() => {});
+    let answered = false, offered = false, id = null;
+    // Offer and candidates go through this page's own Gradio session (server functions),
+    // which binds the connection to the page: other pages cannot drive it.
+    const postCandidate = (c) => server.ui_candidate({webrtc_id: id, candidate: c}).catch(() => {});
     conn.onicecandidate = (e) => {
       if (!e.candidate || !offered) return;  // gathered before the offer: already in its SDP
       if (answered) postCandidate(e.candidate.toJSON()); else late.push(e.candidate.toJSON());
@@ -400,12 +377,11 @@ async function start() {
     if (pc !== conn) return;
     const sdp = conn.localDescription.sdp;
     offered = true;
-    const resp = await fetch(url, {method: 'POST', headers: {'Content-Type': 'application/json'},
-      body: JSON.stringify({sdp, type: 'offer', webrtc_id: id})});
     let body = null;
-    try { body = await resp.json(); } catch (e) {}
-    if (!resp.ok || !body || body.status === 'failed' || !body.sdp) throw new Error(refusal(body, resp.status));
-    if (pc !== conn) return;
+    try { body = await server.ui_offer({sdp, type: 'offer'}); } catch (e) { throw new Error('offer failed: ' + ((e && e.message) || e)); }
+    if (!body || body.status === 'failed' || !body.sdp) throw new Error(refusal(body, body && body._status));
+    id = body.webrtc_id;
+    if (pc !== conn) { server.ui_stop({webrtc_id: id}).catch(() => {}); return; }
     await conn.setRemoteDescription({type: body.type || 'answer', sdp: body.sdp});
     answered = true;
     late.splice(0).forEach(postCandidate);
@@ -439,7 +415,7 @@ function stop(reason, kind) {
   btn.textContent = 'Start';
   btn.disabled = false;
   setStatus(reason || 'Stopped', kind || 'idle');
-  if (id) { addLog(reason || 'Stopped'); trigger('stop', {webrtc_id: id}); }
+  if (id) { addLog(reason || 'Stopped'); server.ui_stop({webrtc_id: id}).catch(() => {}); }
 }
 function fail(err) {
   const text = 'Error: ' + ((err && err.message) || err);
@@ -488,6 +464,72 @@ def _component(gr: Any, obj: Any, index: int, kind: str) -> Any:
     return gr.Textbox(value="", label=f"output {index}", interactive=False)
 
 
+def _page_functions(stream: Stream, owners: dict[str, str], gr: Any) -> list[Any]:
+    """Server functions the page calls through its own Gradio session (`server.ui_offer(...)`
+    in PANEL_JS): the connection is made and bound to that session (page) here."""
+    from .webrtc import MAX_OFFER_BYTES, add_candidate, check_offer_sdp, negotiate
+
+    async def page_of(request: Any) -> str | None:
+        # Gradio hands server functions the raw request; its JSON body (already read and
+        # cached by Gradio) names the page's session.
+        sh = getattr(request, "session_hash", None)
+        if not sh:
+            try:
+                body = await request.json()
+            except Exception:
+                return None
+            sh = body.get("session_hash") if isinstance(body, dict) else None
+        return sh if isinstance(sh, str) and sh else None
+
+    async def owned(webrtc_id: str, request: Any) -> bool:
+        owner = owners.get(webrtc_id)
+        return bool(webrtc_id) and owner is not None and owner == await page_of(request)
+
+    async def ui_offer(data: Any, request: gr.Request) -> dict[str, Any]:
+        """The page's WebRTC offer, made through its own Gradio session: the server picks
+        an unguessable `webrtc_id` and binds it to this page."""
+        sdp = data.get("sdp") if isinstance(data, dict) else None
+        if not isinstance(sdp, str) or not sdp.strip() or len(sdp) > MAX_OFFER_BYTES:
+            return {"status": "failed", "meta": {"error": "invalid_sdp", "detail": "an offer needs an 'sdp' string"}}
+        problem = check_offer_sdp(sdp, stream.modality, stream.allow_extra_tracks)
+        if problem is not None:
+            return {"status": "failed", "meta": {"error": "invalid_sdp", "detail": problem}}
+        page = await page_of(request)
+        if page is None:
+            return {"status": "failed", "meta": {"error": "unknown_page", "detail": "no Gradio session"}}
+        webrtc_id = secrets.token_urlsafe(18)
+        owners[webrtc_id] = page
+        response = await negotiate(stream, webrtc_id, sdp)
+        body = json.loads(bytes(response.body))
+        session = stream.sessions.get(webrtc_id)
+        if session is None:
+            owners.pop(webrtc_id, None)
+            body["_status"] = response.status_code
+            return body
+        session.on_close(lambda: owners.pop(webrtc_id, None))
+        return {**body, "webrtc_id": webrtc_id}
+
+    async def ui_candidate(data: Any, request: gr.Request) -> dict[str, Any]:
+        wid = data.get("webrtc_id") if isinstance(data, dict) else None
+        if not isinstance(wid, str) or not await owned(wid, request):
+            return {"status": "failed", "meta": {"error": "unknown_connection"}}
+        response = await add_candidate(stream, wid, data.get("candidate"))
+        return json.loads(bytes(response.body))
+
+    async def ui_stop(data: Any, request: gr.Request) -> None:
+        """The page stopped: end the session now (a closed peer connection alone can take
+        the server a while to notice) so its concurrency slot is free at once."""
+        wid = data.get("webrtc_id") if isinstance(data, dict) else None
+        if isinstance(wid, str) and await owned(wid, request):
+            session = stream.sessions.get(wid)
+            if session is not None:
+                await session.close("client stopped")
+
+    for fn in (ui_offer, ui_candidate, ui_stop):
+        fn.__annotations__["request"] = gr.Request
+    return [ui_offer, ui_candidate, ui_stop]
+
+
 def build_blocks(stream: Stream, loop: asyncio.AbstractEventLoop | None = None) -> Any:
     """Build the Gradio Blocks of `/ui` (called on the first request to `/ui`)."""
     import gradio as gr
@@ -499,6 +541,11 @@ def build_blocks(stream: Stream, loop: asyncio.AbstractEventLoop | None = None) 
     n_in = len(stream.additional_inputs)
     merge = stream.additional_outputs_handler
     has_side = bool(stream.additional_inputs or stream.additional_outputs)
+
+    owners: dict[str, str] = {}  # webrtc_id -> the Gradio session (page) that made it
+    server_functions = _page_functions(stream, owners, gr)
+    if callable(stream.rtc_configuration):
+        server_functions.append(_rtc_configuration_fn(stream, loop))
 
     with gr.Blocks(title=title, analytics_enabled=False) as blocks:
         header = _title_html(stream)
@@ -516,7 +563,7 @@ def build_blocks(stream: Stream, loop: asyncio.AbstractEventLoop | None = None) 
                     padding=True,
                     container=True,
                     elem_id="batchrtc-panel",
-                    server_functions=[_rtc_configuration_fn(stream, loop)] if callable(stream.rtc_configuration) else None,
+                    server_functions=server_functions,
                     rtc=_client_config(stream),
                 )
             inputs: list[Any] = []
@@ -532,6 +579,11 @@ def build_blocks(stream: Stream, loop: asyncio.AbstractEventLoop | None = None) 
             wid = data.get("webrtc_id") if isinstance(data, dict) else None
             return wid if isinstance(wid, str) else ""
 
+        def owned(webrtc_id: str, request: Any) -> bool:
+            """Only the page (Gradio session) that made a connection may drive it."""
+            owner = owners.get(webrtc_id)
+            return bool(webrtc_id) and owner is not None and owner == getattr(request, "session_hash", None)
+
         def push(webrtc_id: str, values: list[Any]) -> None:
             if not webrtc_id or not n_in:
                 return
@@ -540,21 +592,23 @@ def build_blocks(stream: Stream, loop: asyncio.AbstractEventLoop | None = None) 
             except UnknownConnection:
                 pass  # stopped meanwhile
 
-        async def push_inputs(webrtc_id: str, *values: Any) -> None:
-            push(webrtc_id, list(values))
+        async def push_inputs(request: gr.Request, webrtc_id: str, *values: Any) -> None:
+            if owned(webrtc_id, request):
+                push(webrtc_id, list(values))
 
-        async def push_inputs_requested(evt, *values: Any) -> None:  # the server sent `send_input`
-            push(event_id(evt), list(values))
+        async def push_inputs_requested(evt, request: gr.Request, *values: Any) -> None:  # the server sent `send_input`
+            if owned(event_id(evt), request):
+                push(event_id(evt), list(values))
 
         def pack(first: Any, rest: list[Any]) -> Any:
             # Gradio: one output takes the value itself; several take a tuple.
             return first if not rest else (first, *rest)
 
-        async def run_session(evt, *values: Any) -> Any:
+        async def run_session(evt, request: gr.Request, *values: Any) -> Any:
             """From connect to the end of the connection: inputs once, then the outputs."""
             webrtc_id = event_id(evt)
             skip = [gr.update() for _ in outputs]
-            if not webrtc_id:
+            if not owned(webrtc_id, request):
                 return
             # Previous values: what the page shows (placeholders: the object's own `.value`).
             previous = [
@@ -620,21 +674,15 @@ def build_blocks(stream: Stream, loop: asyncio.AbstractEventLoop | None = None) 
                 if nxt is not None:
                     nxt.cancel()
 
-        async def on_stop(evt) -> None:
-            """The page stopped: end the session now (a closed peer connection alone can take
-            the server a while to notice) so its concurrency slot is free at once."""
-            session = stream.sessions.get(event_id(evt))
-            if session is not None:
-                await session.close("client stopped")
-
         # Gradio injects EventData by annotation; set it explicitly (lazy gradio import).
-        for fn in (push_inputs_requested, run_session, on_stop):
+        for fn in (push_inputs_requested, run_session):
             fn.__annotations__["evt"] = gr.EventData
+        for fn in (push_inputs, push_inputs_requested, run_session):
+            fn.__annotations__["request"] = gr.Request
 
         common = dict(show_progress="hidden", api_visibility="private", concurrency_limit=None)
         panel.play(run_session, inputs=[*inputs, *outputs], outputs=[webrtc_box, *outputs],
                    trigger_mode="multiple", **common)
-        panel.stop(on_stop, inputs=None, outputs=None, trigger_mode="multiple", **common)
         if inputs:
             panel.submit(push_inputs_requested, inputs=inputs, outputs=None, trigger_mode="multiple", **common)
             on_submit = args.get("send_input_on") == "submit"  # FastRTC's ui_args option

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import tempfile
+import time
 import wave
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -218,6 +219,71 @@ def call_on_loop(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
         fn(*args)
     else:
         loop.call_soon_threadsafe(fn, *args)
+
+
+class TokenBucket:
+    """`rate` tokens a second, at most `burst` saved up; `take(n)` is False when empty."""
+
+    __slots__ = ("rate", "burst", "tokens", "at")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.at = time.monotonic()
+
+    def take(self, n: float = 1.0) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < n:
+            return False
+        self.tokens -= n
+        return True
+
+
+def parse_json_message(text: str | bytes, max_bytes: int) -> Any:
+    """A client's JSON message, or ValueError saying what is wrong with it (too large,
+    not JSON, nested too deeply for the parser)."""
+    if len(text) > max_bytes:
+        raise ValueError(f"message too large ({len(text)} bytes > {max_bytes})")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("message is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, bad UTF-8
+        raise ValueError(f"message is not valid JSON: {getattr(e, 'msg', e)}") from None
+
+
+class RateLimitedLog:
+    """Log lines of one session, each kind at most once per `interval_s`; the next line of
+    that kind says how many were suppressed (a client sending 20,000 bad messages gets a few
+    log lines, not 20,000)."""
+
+    def __init__(self, logger: logging.Logger, prefix: str, interval_s: float = 10.0) -> None:
+        self.logger = logger
+        self.prefix = prefix
+        self.interval_s = interval_s
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def log(self, level: int, key: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        last, suppressed = self._last.get(key, (-1e18, 0))
+        if now - last < self.interval_s:
+            self._last[key] = (last, suppressed + 1)
+            return
+        self._last[key] = (now, 0)
+        if len(self._last) > 64:  # bounded: forget the oldest kinds
+            for k in sorted(self._last, key=lambda k: self._last[k][0])[:32]:
+                del self._last[k]
+        tail = f" ({suppressed} similar suppressed)" if suppressed else ""
+        self.logger.log(level, "%s: " + msg + "%s", self.prefix, *args, tail)
+
+    def warning(self, key: str, msg: str, *args: Any) -> None:
+        self.log(logging.WARNING, key, msg, *args)
+
+    def error(self, key: str, msg: str, *args: Any) -> None:
+        self.log(logging.ERROR, key, msg, *args)
 
 
 async def wait_for_item(queue: asyncio.Queue, timeout: float = 0.1) -> Any:

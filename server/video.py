@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from batching import DynamicBatcher
+from batching import DynamicBatcher, ResultCountError
 from batching.process import ProcessRunner
 from models.device import default_device
 
@@ -122,12 +122,14 @@ class BatchedHandler:
         except Exception:  # reported again, per batch, by the first call
             logger.exception("batched handler %r: starting its process failed", self.__name__)
 
-    async def submit(self, frame: np.ndarray, args: tuple[Any, ...]) -> Any:
-        """One frame in, its output back. Late frames are dropped (a newer one exists)."""
+    async def submit(self, frame: np.ndarray, args: tuple[Any, ...], source: Any = None) -> Any:
+        """One frame in, its output back. Late frames are dropped (a newer one exists).
+        `source` (the session) lets the batcher find whose frames kill or hang the handler's
+        process (see `DynamicBatcher.submit`); that session then gets `FaultySource`."""
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
             raise ValueError(f"video frames must be uint8 [H, W, 3]; got {frame.dtype} {frame.shape}")
         deadline = time.monotonic() + self.deadline_ms / 1000
-        return await self.batcher.submit(_Frame(frame, args), deadline=deadline, drop_if_late=True)
+        return await self.batcher.submit(_Frame(frame, args), deadline=deadline, drop_if_late=True, source=source)
 
     def _run(self, items: list[_Frame]) -> list[Any]:
         shape = (len(items), *items[0].array.shape)
@@ -240,11 +242,18 @@ def _call(fn: BatchFn, frames: torch.Tensor, args: list[tuple[Any, ...]]) -> lis
     with torch.inference_mode():
         outs = fn(frames, args)
     if isinstance(outs, torch.Tensor):  # one [B, H, W, 3] tensor: one transfer back
+        if outs.ndim != 4 or outs.shape[0] != n:
+            raise ResultCountError(f"batched handler returned a tensor of shape {tuple(outs.shape)} for {n} frames; "
+                                   f"expected [{n}, H, W, 3]")
         arr = outs.to("cpu").numpy()
         return [arr[i] for i in range(n)]
-    outs = list(outs)
+    try:
+        outs = list(outs)
+    except TypeError:
+        raise ResultCountError(f"batched handler returned {type(outs).__name__}; expected one output per frame") from None
     if len(outs) != n:
-        raise ValueError(f"batched handler returned {len(outs)} outputs for {n} frames")
+        # Not retried in halves: a handler that miscounts would pass singletons through.
+        raise ResultCountError(f"batched handler returned {len(outs)} outputs for {n} frames")
     return [_to_host(o) for o in outs]
 
 

@@ -2,10 +2,11 @@
 
 Client -> server JSON text frames by `event`: `start` (with `websocket_id`, or `streamSid` in
 phone mode), `media` (base64 mu-law at the handler's input rate; 8 kHz on the phone), `stop`,
-`ping` (-> `pong`), `mark` (phone, ignored). Server -> client: `media` at the handler's output
-rate (8 kHz on the phone), paced at about real time, plus data-channel messages
-(`{"type": ..., "data"/"message": ...}`). Bad input gets an `error` message; where the
-session cannot go on, a clean close with a WebSocket close code that says why.
+`ping` (-> `pong`), `mark`/`connected`/`dtmf` (phone, ignored). Server -> client: `media` at
+the handler's output rate (8 kHz on the phone), paced at about real time, plus data-channel
+messages (`{"type": ..., "data"/"message": ...}`). Bad input gets an `error` message; where
+the session cannot go on (flooding, oversized frames, no `start`), a clean close with a
+WebSocket close code that says why.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import numpy as np
 from fastapi import WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
-from .audio_out import AudioOut
 from .codecs import ulaw_decode, ulaw_encode
+from .emit import pump_outputs
 from .handlers import DataChannel, StreamHandlerBase
+from .registry import Refused
 from .session import Session
-from .utils import AdditionalOutputs, CloseStream, call_on_loop, create_message, split_output
+from .utils import RateLimitedLog, TokenBucket, call_on_loop, create_message, parse_json_message
 
 if TYPE_CHECKING:
     from .stream import Stream
@@ -37,16 +39,23 @@ MAX_MESSAGE_BYTES = 1 << 20  # a 1 MiB text frame is ~8 s of 8 kHz audio; more i
 SEND_QUEUE_SIZE = 256
 PLAYOUT_LEAD_S = 0.1  # how far ahead of real time reply audio may be sent
 START_TIMEOUT_S = 30.0  # a socket that never sends `start` is dropped, as FastRTC drops media-less peers
+# Per connection: 20 ms media frames are 50 messages a second. A client far above these
+# rates (a ping or garbage flood) is closed, so no single socket can take the event loop.
+MAX_MESSAGES_PER_S = 250.0
+MAX_MESSAGE_BURST = 500.0
+MAX_BYTES_PER_S = 2.0 * (1 << 20)
+MAX_BYTES_BURST = 8.0 * (1 << 20)
 
 
 class WebSocketChannel(DataChannel):
     """Data-channel messages and media share one ordered, bounded send queue."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, log: RateLimitedLog) -> None:
         self.loop = loop
+        self.log = log
         self.queue: asyncio.Queue[str | _Media | None] = asyncio.Queue(SEND_QUEUE_SIZE)
-        # Fix (phone interruption): bumped by `_clear`; reply media queued or held under an
-        # older generation is dropped, and the emit loop restarts its playout clock.
+        # Bumped by `_clear` (a reply was interrupted): reply media queued or held under an
+        # older generation is dropped, and the sink restarts its playout clock.
         self.generation = 0
         self.cleared = asyncio.Event()
 
@@ -55,7 +64,7 @@ class WebSocketChannel(DataChannel):
 
     def _put(self, message: str) -> None:
         if self.queue.full():  # a reader this slow loses control messages, never memory
-            logger.warning("websocket send queue full; dropping a message")
+            self.log.warning("send_queue_full", "websocket send queue full; dropping a message")
             return
         self.queue.put_nowait(message)
 
@@ -68,6 +77,55 @@ class _Media:
     def __init__(self, generation: int, text: str) -> None:
         self.generation = generation
         self.text = text
+
+
+class WebSocketAudioSink:
+    """Reply audio as `media` messages, sent at most PLAYOUT_LEAD_S ahead of real time."""
+
+    def __init__(self, session: Session, channel: WebSocketChannel, phone_mode: bool) -> None:
+        self.session = session
+        self.channel = channel
+        self.phone_mode = phone_mode
+        self.rate = 8000 if phone_mode else getattr(session.handler, "output_sample_rate", 24000)
+        self.sends_audio = True
+        self.play_end = time.monotonic()
+        self.seen = channel.generation
+
+    def pending(self) -> bool:
+        return False
+
+    async def idle(self) -> None:
+        return None
+
+    async def write(self, pcm: np.ndarray) -> None:
+        channel = self.channel
+        generation = channel.generation
+        now = time.monotonic()
+        if generation != self.seen:  # a reply was interrupted: the client dropped its audio
+            self.seen = generation
+            channel.cleared.clear()
+            self.play_end = now
+        self.play_end = max(self.play_end, now)
+        wait = self.play_end - PLAYOUT_LEAD_S - now
+        if wait > 0:
+            try:  # an interruption ends the wait: this chunk is then stale
+                await asyncio.wait_for(channel.cleared.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+        if channel.generation != generation:
+            return  # interrupted while we held it: drop, never send after `clear`
+        payload: dict[str, Any] = {
+            "event": "media",
+            "media": {"payload": base64.b64encode(ulaw_encode(pcm)).decode("ascii")},
+        }
+        if self.phone_mode:
+            payload["streamSid"] = self.session.webrtc_id
+        # Awaiting the bounded queue slows the handler to the client's pace.
+        await channel.queue.put(_Media(generation, json.dumps(payload)))
+        self.play_end += pcm.size / self.rate
+
+    async def drain(self) -> None:
+        await asyncio.sleep(max(0.0, self.play_end - time.monotonic()))
 
 
 async def _writer(ws: WebSocket, channel: WebSocketChannel) -> None:
@@ -86,65 +144,79 @@ def _failed(error: str, **meta: Any) -> str:
     return json.dumps({"status": "failed", "meta": {"error": error, **meta}})
 
 
-async def handle_websocket(stream: Stream, ws: WebSocket, *, phone_mode: bool = False) -> None:
-    await ws.accept()
-    loop = asyncio.get_running_loop()
-    channel = WebSocketChannel(loop)
-    writer = asyncio.create_task(_writer(ws, channel))
-    session: Session | None = None
-    close_code, close_reason = 1000, "bye"
-    closing = False
+class _Connection:
+    """One WebSocket: its send queue and writer, and the one way it is closed."""
 
-    async def finish(code: int, reason: str) -> None:
+    def __init__(self, ws: WebSocket) -> None:
+        self.ws = ws
+        self.log = RateLimitedLog(logger, "websocket")
+        self.channel = WebSocketChannel(asyncio.get_running_loop(), self.log)
+        self.writer = asyncio.create_task(_writer(ws, self.channel))
+        self.code, self.reason = 1000, "bye"
+        self.client_gone = False
+        self._finished = False
+
+    def fatal(self, code: int, text: str) -> None:
+        """Tell the client why, then close with `code` (after the loop ends)."""
+        self.channel.send(create_message("error", text))
+        self.code, self.reason = code, text[:120]
+
+    async def finish(self) -> None:
         """Flush queued messages (errors, end_stream), then close: once, from whichever
         side ends first (client, handler, time limit, server shutdown)."""
-        nonlocal closing
-        if closing:
+        if self._finished:
             return
-        closing = True
-        try:
-            channel.queue.put_nowait(None)
-            await asyncio.wait_for(asyncio.shield(writer), 2.0)
-        except (asyncio.QueueFull, asyncio.TimeoutError, Exception):
-            pass
-        writer.cancel()
-        if ws.application_state == WebSocketState.CONNECTED and ws.client_state == WebSocketState.CONNECTED:
+        self._finished = True
+        if not self.client_gone:
             try:
-                await ws.close(code=code, reason=reason[:120])
-            except Exception:
+                self.channel.queue.put_nowait(None)
+            except asyncio.QueueFull:
+                pass
+            # asyncio.wait, not wait_for: a writer cancelled meanwhile must not cancel us.
+            await asyncio.wait({self.writer}, timeout=2.0)
+        self.writer.cancel()
+        ws = self.ws
+        if (not self.client_gone and ws.application_state == WebSocketState.CONNECTED
+                and ws.client_state == WebSocketState.CONNECTED):
+            try:
+                await ws.close(code=self.code, reason=self.reason)
+            except Exception:  # the client went away meanwhile
                 pass
 
-    async def fatal(code: int, text: str) -> None:
-        nonlocal close_code, close_reason
-        channel.send(create_message("error", text))
-        close_code, close_reason = code, text[:120]
 
+async def handle_websocket(stream: Stream, ws: WebSocket, *, phone_mode: bool = False) -> None:
+    await ws.accept()
+    conn = _Connection(ws)
+    channel = conn.channel
+    session: Session | None = None
+    messages = TokenBucket(MAX_MESSAGES_PER_S, MAX_MESSAGE_BURST)
+    volume = TokenBucket(MAX_BYTES_PER_S, MAX_BYTES_BURST)
     try:
         while True:
             timeout = START_TIMEOUT_S if session is None else None
             try:
                 raw = await asyncio.wait_for(ws.receive(), timeout)
             except asyncio.TimeoutError:
-                await fatal(1008, "no start event received in time")
+                conn.fatal(1008, "no start event received in time")
                 break
             if raw["type"] == "websocket.disconnect":
-                close_code = -1
+                conn.client_gone = True
                 break
             text = raw.get("text")
+            data = text if text is not None else (raw.get("bytes") or b"")
+            if len(data) > MAX_MESSAGE_BYTES:
+                conn.fatal(1009, f"message too large ({len(data)} bytes > {MAX_MESSAGE_BYTES})")
+                break
+            if not messages.take() or not volume.take(len(data)):
+                conn.fatal(1008, f"too many messages: at most {MAX_MESSAGES_PER_S:g} a second")
+                break
             if text is None:
-                data = raw.get("bytes") or b""
-                if len(data) > MAX_MESSAGE_BYTES:
-                    await fatal(1009, f"message too large ({len(data)} bytes > {MAX_MESSAGE_BYTES})")
-                    break
                 channel.send(create_message("error", "binary frames are not supported; send JSON text"))
                 continue
-            if len(text) > MAX_MESSAGE_BYTES:
-                await fatal(1009, f"message too large ({len(text)} bytes > {MAX_MESSAGE_BYTES})")
-                break
             try:
-                message = json.loads(text)
-            except json.JSONDecodeError as e:
-                channel.send(create_message("error", f"message is not valid JSON: {e.msg}"))
+                message = parse_json_message(text, MAX_MESSAGE_BYTES)
+            except ValueError as e:
+                channel.send(create_message("error", str(e)))
                 continue
             if not isinstance(message, dict) or "event" not in message:
                 channel.send(create_message("error", 'message must be a JSON object with an "event" field'))
@@ -152,7 +224,7 @@ async def handle_websocket(stream: Stream, ws: WebSocket, *, phone_mode: bool = 
             event = message["event"]
             if event == "media":
                 if session is None:
-                    await fatal(1008, 'send a "start" event before media')
+                    conn.fatal(1008, 'send a "start" event before media')
                     break
                 audio = _decode_media(message)
                 if isinstance(audio, str):
@@ -164,51 +236,61 @@ async def handle_websocket(stream: Stream, ws: WebSocket, *, phone_mode: bool = 
                     channel.send(create_message("error", "stream already started"))
                     continue
                 session_id = _stream_id(message, phone_mode)
-                if session_id is None:
-                    key = "streamSid" if phone_mode else "websocket_id"
-                    await fatal(1008, f'"start" needs a non-empty string "{key}"')
+                if isinstance(session_id, ValueError):
+                    conn.fatal(1008, str(session_id))
                     break
-                session, refusal = stream._open_session(
-                    session_id, channel, kind="telephone" if phone_mode else "websocket"
-                )
-                if session is None:
-                    channel.send(refusal or _failed("unknown_error"))
-                    close_code, close_reason = 1008, "refused"
+                try:
+                    session = stream.open_session(
+                        session_id, channel, kind="telephone" if phone_mode else "websocket"
+                    )
+                except Refused as r:
+                    channel.send(json.dumps(r.body()))
+                    conn.code, conn.reason = 1008, "refused"
                     break
-                session.on_close(lambda s=session: finish(1000, s.close_reason or "closed"))
-                _start_session(stream, session, ws, channel, phone_mode)
+                except Exception as e:  # the handler's copy() raised
+                    logger.exception("could not open a session")
+                    conn.fatal(1011, f"could not start the session: {type(e).__name__}: {e}")
+                    break
+                session.on_close(conn.finish)
+                conn.log = session.log
+                channel.log = session.log
+                _start_session(session, channel, phone_mode)
             elif event == "stop":
                 break
             elif event == "ping":
                 channel.send(json.dumps({"event": "pong"}))
             elif event in ("mark", "connected", "dtmf"):
-                # Twilio bookkeeping. Fix: `dtmf` (a caller's key press, sent by Twilio
-                # unasked) was answered with an "unknown event" error.
-                continue
+                continue  # Twilio bookkeeping and key presses, sent unasked: nothing to do
             else:
                 channel.send(create_message("error", f"unknown event {str(event)[:40]!r}"))
-            if session is not None and session.closed.is_set():
-                close_reason = session.close_reason or "closed"
+            if session is not None and not session.active:
+                conn.reason = session.close_reason or "closed"
                 break
     except WebSocketDisconnect:
-        close_code = -1
+        conn.client_gone = True
     finally:
-        if close_code == -1:
-            closing = True  # the client is gone: nothing to flush or close
-            writer.cancel()
-        else:
-            await finish(close_code, close_reason)
+        if conn.client_gone:
+            conn.writer.cancel()
         if session is not None:
-            await session.close(close_reason if close_code != -1 else "client disconnected")
-        writer.cancel()
+            session.close("client disconnected" if conn.client_gone else conn.reason)
+        await conn.finish()
+        if session is not None:
+            await session.close()
 
 
-def _stream_id(message: dict, phone_mode: bool) -> str | None:
+def _stream_id(message: dict, phone_mode: bool) -> str | ValueError:
     if phone_mode:
-        sid = message.get("streamSid") or (message.get("start") or {}).get("streamSid")
+        start = message.get("start")
+        if start is not None and not isinstance(start, dict):
+            return ValueError('"start" must be an object (Twilio: {"streamSid": ..., ...})')
+        sid = message.get("streamSid") or (start or {}).get("streamSid")
+        key = "streamSid"
     else:
         sid = message.get("websocket_id")
-    return sid if isinstance(sid, str) and sid else None
+        key = "websocket_id"
+    if not isinstance(sid, str) or not sid or len(sid) > 256:
+        return ValueError(f'"start" needs a non-empty string "{key}" (at most 256 characters)')
+    return sid
 
 
 def _decode_media(message: dict) -> np.ndarray | str:
@@ -227,28 +309,24 @@ async def _deliver_audio(session: Session, pcm: np.ndarray, phone_mode: bool) ->
     handler = session.handler
     rate = 8000 if phone_mode else getattr(handler, "input_sample_rate", 48000)
     if pcm.size:
-        await session.receive((rate, pcm.reshape(1, -1)))
+        frame = pcm.reshape(1, -1)
+        if getattr(handler, "expected_layout", "mono") == "stereo":
+            frame = np.repeat(frame, 2, axis=0)  # the wire is mono: both channels the same
+        await session.receive((rate, frame))
 
 
-def _start_session(
-    stream: Stream, session: Session, ws: WebSocket, channel: WebSocketChannel, phone_mode: bool
-) -> None:
+def _start_session(session: Session, channel: WebSocketChannel, phone_mode: bool) -> None:
     handler = session.handler
     if isinstance(handler, StreamHandlerBase):
         handler.phone_mode = phone_mode
         handler._clear_queue = lambda: _clear(channel, phone_mode, session.webrtc_id)
-        start_up = getattr(handler, "start_up", None)
-        if start_up is not None:
-            session.spawn(session.call(start_up), "start_up")
-    session.spawn(_emit_loop(session, channel, phone_mode), "emit")
+    session.start_up()
+    session.spawn(pump_outputs(session, WebSocketAudioSink(session, channel, phone_mode)), "emit")
 
 
 def _clear(channel: WebSocketChannel, phone_mode: bool, sid: str) -> None:
     """The handler's `clear_queue()` (a reply was interrupted); callable from any thread.
-
-    Fix: this used to only send Twilio's `clear`, while the emit loop still sent the reply
-    chunk it held (after the `clear`, so the caller heard it) and kept the old reply's
-    playout clock, delaying the new reply by what was left of the old one."""
+    Queued and held reply audio is dropped; the phone client gets Twilio's `clear`."""
 
     def run() -> None:
         channel.generation += 1
@@ -257,48 +335,3 @@ def _clear(channel: WebSocketChannel, phone_mode: bool, sid: str) -> None:
             channel.send(json.dumps({"event": "clear", "streamSid": sid}))
 
     call_on_loop(channel.loop, run)
-
-
-async def _emit_loop(session: Session, channel: WebSocketChannel, phone_mode: bool) -> None:
-    handler = session.handler
-    target_rate = 8000 if phone_mode else getattr(handler, "output_sample_rate", 24000)
-    out = AudioOut(target_rate)
-    play_end = time.monotonic()
-    seen = channel.generation
-    while not session.closed.is_set():
-        item = await session.next_output()
-        generation = channel.generation
-        if generation != seen:  # a reply was interrupted: the client dropped its audio
-            seen = generation
-            channel.cleared.clear()
-            play_end = time.monotonic()
-        frame, extra = split_output(item)
-        if isinstance(extra, AdditionalOutputs):
-            session.push_outputs(extra)
-        if isinstance(frame, tuple) and len(frame) >= 2 and isinstance(frame[1], np.ndarray):
-            pcm = out.convert(int(frame[0]), frame[1])
-            if pcm.size:
-                now = time.monotonic()
-                play_end = max(play_end, now)
-                wait = play_end - PLAYOUT_LEAD_S - now
-                if wait > 0:
-                    try:  # an interruption ends the wait: this chunk is then stale
-                        await asyncio.wait_for(channel.cleared.wait(), wait)
-                    except asyncio.TimeoutError:
-                        pass
-                if channel.generation != generation:
-                    continue  # interrupted while we held it: drop, never send after `clear`
-                payload: dict[str, Any] = {
-                    "event": "media",
-                    "media": {"payload": base64.b64encode(ulaw_encode(pcm)).decode("ascii")},
-                }
-                if phone_mode:
-                    payload["streamSid"] = session.webrtc_id
-                # Awaiting the bounded queue slows the handler to the client's pace.
-                await channel.queue.put(_Media(generation, json.dumps(payload)))
-                play_end += pcm.size / target_rate
-        if isinstance(extra, CloseStream):
-            await asyncio.sleep(max(0.0, play_end - time.monotonic()))
-            session.send(create_message("end_stream", extra.msg))
-            await session.close("handler closed the stream")
-            return

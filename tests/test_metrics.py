@@ -254,7 +254,7 @@ class _FakeSession:
             self.video = video
         self.closed = threading.Event()
         self._on_close: list = []
-        stream.sessions[sid] = self  # type: ignore[assignment]
+        stream.registry._active[sid] = self  # type: ignore[assignment]
 
     def on_close(self, fn) -> None:
         self._on_close.append(fn)
@@ -265,7 +265,7 @@ class _FakeSession:
             fn()
         if hook:
             m.session_closed(self)
-        del self.stream.sessions[self.webrtc_id]
+        del self.stream.registry._active[self.webrtc_id]
 
 
 def test_lifetime_video_counter_is_monotone_and_counts_each_session_once():

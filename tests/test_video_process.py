@@ -102,10 +102,10 @@ async def test_misbehaving_handler_is_restarted_and_sessions_recover(serve, tmp_
         await wait_for(lambda: len(outputs(a)) >= 2 and len(outputs(b)) >= 2, 60)
         pid0 = outputs(a)[-1]
         stream.set_input("a", f"{kind}:{tmp_path / 'once'}")
-        # The batch holding a's frame fails (killed after call_timeout_s, or died): every
-        # session in it is told, and nobody waits forever.
-        await wait_for(lambda: errors(a), 30)
-        assert ("timed out" if kind == "hang" else "exit") in errors(a)[0].lower(), errors(a)
+        # The batch holding a's frame fails once (killed after call_timeout_s, or died): its
+        # frames are retried alone (or dropped as late), nobody is disconnected or blamed for
+        # a failure that does not repeat, and nobody waits forever.
+        await wait_for(lambda: brighten._runner is not None and brighten._runner.restarts >= 1, 30)
         # A fresh child takes over; both sessions' frames flow again, from the new pid.
         stream.set_input("a", "ok")
         n_a, n_b = len(outputs(a)), len(outputs(b))
@@ -113,6 +113,7 @@ async def test_misbehaving_handler_is_restarted_and_sessions_recover(serve, tmp_
         assert outputs(a)[-1] == outputs(b)[-1] != pid0
         assert brighten._runner is not None and brighten._runner.restarts >= 1
         assert stream.active_sessions == 2  # nobody was disconnected
+        assert not errors(a) and not errors(b), (errors(a), errors(b))
         # operators see it: /metrics counts the restart, /health names the new child
         samples, _ = await scrape(server.http)
         assert val(samples, "batchrtc_worker_restarts_total", batcher="video:brighten") >= 1
