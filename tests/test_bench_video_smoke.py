@@ -41,7 +41,7 @@ def test_bench_stats_frame_counters_never_go_back_when_a_session_ends():
             self.stream, self.webrtc_id, self.kind, self.video = stream, sid, "webrtc", Video()
             self.closed = threading.Event()
             self._on_close = []
-            stream.sessions[sid] = self
+            stream.registry._active[sid] = self  # as tests/test_metrics.py's fake
 
         def on_close(self, fn):
             self._on_close.append(fn)
@@ -53,7 +53,7 @@ def test_bench_stats_frame_counters_never_go_back_when_a_session_ends():
     a.video.received += 5
     a.closed.set()
     m.session_closed(a)  # Session.close calls this hook
-    del stream.sessions["a"]
+    del stream.registry._active["a"]
     s1 = bench_stats(stream)
     assert s1["video_live"]["received"] == 100  # only b is connected now ...
     assert s1["video"]["received"] == 205  # ... but a's frames still count
