@@ -103,6 +103,10 @@ class DynamicBatcher(Generic[T, R]):
         group_key: items with different keys never share a batch (e.g. different shapes).
         predictor: run-time model used for deadline-driven flushes (learned online).
         safety_margin_ms: slack added to the predicted run time when flushing for a deadline.
+        initializer: called once on the worker thread before its first batch (as
+            ``ThreadPoolExecutor(initializer=...)``): per-thread settings such as
+            ``torch.set_num_threads``. If it raises, the batcher closes and every waiting
+            future gets the exception.
     """
 
     def __init__(
@@ -116,6 +120,7 @@ class DynamicBatcher(Generic[T, R]):
         group_key: Callable[[T], Hashable] | None = None,
         predictor: RuntimePredictor | None = None,
         safety_margin_ms: float = 2.0,
+        initializer: Callable[[], None] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -131,6 +136,7 @@ class DynamicBatcher(Generic[T, R]):
         self.group_key = group_key
         self.predictor = predictor if predictor is not None else RuntimePredictor()
         self.safety_margin_s = safety_margin_ms / 1e3
+        self.initializer = initializer
         self.stats = BatcherStats(name)
 
         self._cond = threading.Condition(threading.Lock())
@@ -277,6 +283,13 @@ class DynamicBatcher(Generic[T, R]):
     # ------------------------------------------------------------------ worker
 
     def _worker(self) -> None:
+        if self.initializer is not None:
+            try:
+                self.initializer()
+            except BaseException as e:
+                log.exception("batcher %r: initializer raised; closing", self.name)
+                self._fail_all(e)
+                return
         while True:
             try:
                 picked = self._next_batch()
@@ -294,6 +307,18 @@ class DynamicBatcher(Generic[T, R]):
             except BaseException as e:  # a bug here must not kill the worker silently
                 log.exception("batcher %r: internal error running a batch", self.name)
                 _deliver([(it, False, e) for it in items])
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """Close, failing every waiting future with ``exc`` (the worker cannot run)."""
+        with self._cond:
+            pending = list(self._queue)
+            self._queue.clear()
+            self._closed = True
+            self.stats.set_queue_depth(0)
+            self._cond.notify_all()
+        if pending:
+            self.stats.add(failed=len(pending))
+            _deliver([(it, False, exc) for it in pending])
 
     def _purge(self, now: float) -> None:
         """Drop cancelled items, and drop_if_late items past their deadline. Lock held."""

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -51,6 +53,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default="benchmarks/results/bench_detector_{device}.md")
     args = ap.parse_args()
+    command = "python -m benchmarks.bench_detector " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     w, h = (int(v) for v in args.size.split("x"))
     dev = torch.device(args.device)
     det = FaceDetector(dev)
@@ -79,6 +82,8 @@ def main() -> None:
     lines = [
         f"# Batched MTCNN face detection, {w}x{h}, on {name} (torch {torch.__version__})",
         "",
+        f"Command: `{command}` (median of {args.reps} batched calls; fewer above batch 16)",
+        "",
         "| batch | batched call ms | batched frames/s | per-frame calls ms | per-frame frames/s | speed-up | faces found |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -92,7 +97,7 @@ def main() -> None:
     out = Path(args.out.format(device=dev.type))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "device": name, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

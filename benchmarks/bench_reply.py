@@ -1,23 +1,36 @@
-"""Load benchmark: N concurrent real-time WebSocket ``ReplyOnPause`` sessions, batched vs
-unbatched shared Silero VAD, end of speech -> first reply byte.
+"""Load benchmark: N concurrent real-time WebSocket ``ReplyOnPause`` sessions, the shared
+batched Silero VAD vs what a FastRTC app runs instead, end of speech -> first reply byte.
 
-Setup (one run compares both modes, every step on a fresh server):
+Modes (one run compares them; every step on a fresh server):
 
-* The server is a SEPARATE process: ``python -m uvicorn server.echo_app:stream --port P
-  --log-level warning`` (the default app: ``ReplyOnPause(echo)``) with
-  ``BATCHRTC_CONCURRENCY`` large and ``BATCHRTC_VAD_MAX_BATCH`` = 512 (``batched``) or 1
-  (``unbatched``: every session's 0.6 s chunk is its own Silero call). One warm-up session
-  (not measured) loads the model first. Its CPU (all threads, ``cpu_times`` delta over the
-  steady window / wall time, % of one core) and RSS are read with psutil.
+* ``batched`` -- the default app, ``python -m uvicorn server.echo_app:stream --port P
+  --log-level warning`` (``ReplyOnPause(echo)``), ``BATCHRTC_VAD_MAX_BATCH`` = 512: every
+  session's 0.6 s chunks go through the one shared batched VAD engine.
+* ``fastrtc-onnx`` -- the baseline: ``benchmarks.reply_apps:fastrtc_onnx_stream`` (factory),
+  ``Stream(ReplyOnPause(echo, model=get_silero_model()))``, the same echo: Silero VAD the way
+  FastRTC runs it, one ``onnxruntime`` session (1+1 threads) called once per connection per
+  chunk on a worker thread, state from zero each call.
+* ``batched-b1`` -- the default app with ``BATCHRTC_VAD_MAX_BATCH`` = 1 (shown as ``batched,
+  max_batch_size=1``): the same engine, one worker thread running every session's chunk in
+  turn (``unbatched`` is accepted as its old name).
+
+Each server process has ``BATCHRTC_CONCURRENCY`` large. One warm-up session (not measured)
+loads the model first. Its CPU (all threads, ``cpu_times`` delta over the steady window /
+wall time, % of one core) and RSS are read with psutil.
+
 * The load generator runs in 1-2 separate worker processes (``multiprocessing`` spawn), each
   one asyncio loop driving N/k WebSocket clients from a single send scheduler, so client CPU
   is not server CPU (it is reported separately: on a 2-core machine both compete).
 * Each client streams a speech fixture (16 kHz WAV -> 48 kHz int16 with
   ``scipy.signal.resample_poly`` as in ``tests/test_websocket_reply.py``, plus trailing
-  silence so every pause is detected) as mu-law ``media`` frames of ``--frame-ms`` at real-time
-  pace. Frame i carries audio [i*f, (i+1)*f) and is sent when that audio has "happened",
-  at session start + (i+1)*f. Session starts are staggered uniformly over ``--stagger-s``.
-  Client j streams fixture j mod len(fixtures).
+  silence so every pause is detected) as mu-law ``media`` frames at real-time pace. Frame i
+  carries audio [i*f, (i+1)*f) and is sent when that audio has "happened", at session start +
+  (i+1)*f. Session starts are staggered uniformly over ``--stagger-s``. Client j streams
+  fixture j mod len(fixtures).
+* Client settings: by default two configurations, one table each: first the defaults (20 ms
+  frames, permessage-deflate offered and taken, as uvicorn does by default), then 100 ms
+  frames without permessage-deflate. ``--frame-ms`` / ``--no-compression`` run one
+  configuration only.
 
 Latencies per utterance (all on the client's clock, CLOCK_MONOTONIC is shared by processes):
 
@@ -28,19 +41,22 @@ Latencies per utterance (all on the client's clock, CLOCK_MONOTONIC is shared by
   frame that completed the 0.6 s chunk in which the pause was detected. Which frame that is
   is computed exactly before the run by replaying the same mu-law frames through the real
   ``ReplyOnPause`` handler in-process (private unbatched engine), so it also follows the
-  server's chunk alignment. The client cross-checks it: the k-th ``pause_detected`` log must
+  server's chunk alignment (per mode: the batched engine carries VAD state across chunks,
+  the per-call model does not, so their pauses may complete on different frames). The
+  client cross-checks it: the k-th ``pause_detected`` log must
   arrive after that frame was sent (else the step counts a ``mismatch``).
 * ``detect`` pause-completing frame sent -> ``pause_detected`` arrives (VAD path only).
 * ``floor`` end of speech -> end of the pause chunk: what the 0.6 s chunking alone costs.
 
 A missing reply, an ``{"type": "error"}`` message, a failed connection or an aborted session
-counts as an error. The target (printed met / not met, never adjusted): >= 200 concurrent
-sessions with p95 overhead < 100 ms, all replies and 0 errors.
+counts as an error. Every percentile is shown with its sample count ``n``. The target (printed
+met / not met per mode and configuration, never adjusted): >= 200 concurrent sessions with
+p95 overhead < 100 ms, all replies and 0 errors.
 
 Usage::
 
-    python -m benchmarks.bench_reply                          # full run, ~5-10 min on 2 cores
-    python -m benchmarks.bench_reply --quick                  # < 60 s smoke (N = 1, 10), *_quick.md
+    python -m benchmarks.bench_reply                          # full run, ~20-30 min on 2 cores
+    python -m benchmarks.bench_reply --quick                  # smoke (N = 1, 10), *_quick.md
     python -m benchmarks.bench_reply --sessions 50,100 --modes batched --frame-ms 40
 
 Writes ``benchmarks/results/bench_reply.md`` (``--out``), ``.json`` (raw numbers) and
@@ -87,10 +103,31 @@ FIXTURES = (
     "slow_long_pause_16k.wav",
 )
 INPUT_RATE = 48000
-MODES = {"batched": 512, "unbatched": 1}  # -> BATCHRTC_VAD_MAX_BATCH
+# mode -> (uvicorn app arguments, BATCHRTC_VAD_MAX_BATCH or None, which VAD replays pauses)
+MODES: dict[str, tuple[list[str], int | None, str]] = {
+    "batched": (["server.echo_app:stream"], 512, "engine"),
+    "fastrtc-onnx": (["benchmarks.reply_apps:fastrtc_onnx_stream", "--factory"], None, "onnx"),
+    "batched-b1": (["server.echo_app:stream"], 1, "engine"),
+}
+MODE_LABELS = {
+    "batched": "batched",
+    "fastrtc-onnx": "per-session onnxruntime (FastRTC)",
+    "batched-b1": "batched, max_batch_size=1",
+}
+MODE_ALIASES = {"unbatched": "batched-b1"}
+DEFAULT_MODES = "batched,fastrtc-onnx,batched-b1"
+# Client configurations of a default run: the defaults first, then what changes.
+CONFIGS: dict[str, tuple[int, str | None]] = {
+    "default": (20, "deflate"),
+    "frame100-nodeflate": (100, None),
+}
+CONFIG_TITLES = {
+    "default": "Default client settings: 20 ms frames, permessage-deflate (uvicorn's default)",
+    "frame100-nodeflate": "Changed: 100 ms frames, permessage-deflate off",
+}
 TARGET_SESSIONS = 200
 TARGET_OVERHEAD_P95_MS = 100.0
-DEFAULT_SESSIONS = "1,25,50,100,150,200,250,300"
+DEFAULT_SESSIONS = "1,50,100,200"
 QUICK_SESSIONS = "1,10"
 VAD_STATS_PATH = "/_bench/vad_stats"
 BARGE_IN_WINDOW_S = 0.6  # > the 0.5 s piece spacing of the paced echo reply
@@ -130,22 +167,30 @@ def _fixture_pcm48(name: str, tail_s: float, max_audio_s: float | None) -> np.nd
     return np.clip(np.round(y), -32768, 32767).astype(np.int16)
 
 
-def _reference_pause_frames(frames: list[np.ndarray]) -> list[int]:
+def _reference_pause_frames(frames: list[np.ndarray], vad: str = "engine") -> list[int]:
     """Replay the frames (already mu-law round-tripped, as the server decodes them) through
-    the real ReplyOnPause on a private unbatched engine; return the indices of the frames
-    whose arrival started a reply (the pause-completing frames)."""
+    the real ReplyOnPause -- on a private unbatched engine (``vad="engine"``) or with the
+    per-call onnxruntime Silero (``"onnx"``, the ``fastrtc-onnx`` server's) -- and return the
+    indices of the frames whose arrival started a reply (the pause-completing frames)."""
     from server.reply_on_pause import ReplyOnPause
     from server.vad_engine import VADEngine
 
     import server.reply_on_pause as rop
 
     engine = VADEngine(device="cpu", capacity=8, max_batch_size=1, max_queue_delay_ms=0.0)
+    model = None
+    if vad == "onnx":
+        from server.pause_detection import get_silero_model
+
+        model = get_silero_model()
+    elif vad != "engine":
+        raise ValueError(f"vad must be 'engine' or 'onnx', got {vad!r}")
 
     def _echo(audio):  # never called: only replies_started is looked at
         yield audio
 
     async def replay() -> list[int]:
-        h = ReplyOnPause(_echo)
+        h = ReplyOnPause(_echo, model=model)
         hits: list[int] = []
         for i, fr in enumerate(frames):
             before = h.replies_started
@@ -165,7 +210,8 @@ def _reference_pause_frames(frames: list[np.ndarray]) -> list[int]:
 
 
 def build_workloads(
-    fixtures: list[str], *, frame_ms: int = 20, tail_s: float = 1.5, max_audio_s: float | None = None
+    fixtures: list[str], *, frame_ms: int = 20, tail_s: float = 1.5, max_audio_s: float | None = None,
+    vad: str = "engine",
 ) -> list[Workload]:
     from server.codecs import ulaw_decode, ulaw_encode
     from tests.audio_fixtures import speech_spans
@@ -179,7 +225,7 @@ def build_workloads(
             json.dumps({"event": "media", "media": {"payload": base64.b64encode(b).decode("ascii")}})
             for b in enc
         ]
-        pauses = _reference_pause_frames([ulaw_decode(b) for b in enc])
+        pauses = _reference_pause_frames([ulaw_decode(b) for b in enc], vad)
         spans = speech_spans(name)
         ends, chunk_ends = [], []
         for p in pauses:
@@ -207,7 +253,7 @@ def vad_stats_app():  # uvicorn --factory target (only with --vad-stats)
 
 
 class ServerProcess(UvicornProcess):
-    """``python -m uvicorn server.echo_app:stream`` in its own process; killed on exit."""
+    """The mode's uvicorn app (see ``MODES``) in its own process; killed on exit."""
 
     def __init__(
         self,
@@ -219,12 +265,17 @@ class ServerProcess(UvicornProcess):
         log_dir: Path | None = None,
         start_timeout_s: float = 60.0,
     ) -> None:
+        mode = MODE_ALIASES.get(mode, mode)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
         self.mode = mode
-        self.vad_stats = vad_stats
-        target = ["benchmarks.bench_reply:vad_stats_app", "--factory"] if vad_stats else ["server.echo_app:stream"]
-        env = {"BATCHRTC_CONCURRENCY": str(concurrency), "BATCHRTC_VAD_MAX_BATCH": str(MODES[mode])}
+        target, max_batch, _ = MODES[mode]
+        self.vad_stats = vad_stats and max_batch is not None  # the engine's stats only
+        if self.vad_stats:
+            target = ["benchmarks.bench_reply:vad_stats_app", "--factory"]
+        env = {"BATCHRTC_CONCURRENCY": str(concurrency)}
+        if max_batch is not None:
+            env["BATCHRTC_VAD_MAX_BATCH"] = str(max_batch)
         if max_delay_ms is not None:
             env["BATCHRTC_VAD_MAX_DELAY_MS"] = str(max_delay_ms)
         super().__init__([*target, "--log-level", "warning"], env, name=f"bench_reply_server_{mode}",
@@ -541,6 +592,7 @@ class StepResult:
     n: int
     frame_ms: int
     server_command: str
+    compression: str | None = None  # what the clients offered ("deflate") or None
     e2r_ms: list[float] = field(default_factory=list)
     overhead_ms: list[float] = field(default_factory=list)
     detect_ms: list[float] = field(default_factory=list)
@@ -581,6 +633,17 @@ class StepResult:
     def overhead_pct_no_barge_in(self, q: float) -> float | None:
         v = [o for o, b in zip(self.overhead_ms, self.barge_in) if not b]
         return float(np.percentile(v, q)) if v else None
+
+    @property
+    def n_no_barge_in(self) -> int:
+        return sum(1 for b in self.barge_in if not b)
+
+    @property
+    def config(self) -> str:
+        for name, (frame_ms, compression) in CONFIGS.items():
+            if (frame_ms, compression) == (self.frame_ms, self.compression):
+                return name
+        return f"{self.frame_ms}ms-{self.compression or 'nodeflate'}"
 
 
 def _warmup(url: str, wl: Workload, compression: str | None) -> None:
@@ -632,7 +695,7 @@ def run_step(
         raise ValueError("n must be >= 1")
     frame_ms = workloads[0].frame_ms
     t_step = time.monotonic()
-    res = StepResult(server.mode, n, frame_ms, server.command)
+    res = StepResult(server.mode, n, frame_ms, server.command, opts.compression)
     if opts.warmup:
         _warmup(server.url, workloads[0], opts.compression)
     k = opts.client_procs or (1 if n <= 100 else 2)
@@ -822,19 +885,21 @@ def _f(v: float | None, nd: int = 0) -> str:
 
 
 TABLE_HEADER = (
-    "| mode | N | replies ok/expected | errors | e2r p50 | e2r p95 | e2r p99 | overhead p50 | overhead p95 "
-    "| overhead p99 | overhead p95 w/o barge-in (n barge-in) | detect p95 | server CPU % | server RSS MB | client CPU % | other CPU % | client send lag p99 ms |\n"
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "| mode | N | replies ok/expected | errors | n | e2r p50 | e2r p95 | e2r p99 | overhead p50 | overhead p95 "
+    "| overhead p99 | overhead p95 w/o barge-in (n) | detect p95 (n) | server CPU % | server RSS MB | client CPU % | other CPU % | client send lag p99 ms |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
 def table_row(r: StepResult) -> str:
+    # n: replies whose latencies the e2r/overhead percentiles are taken over.
     return (
-        f"| {r.mode} | {r.n} | {r.replies_ok}/{r.replies_expected} | {r.errors} "
+        f"| {MODE_LABELS.get(r.mode, r.mode)} | {r.n} | {r.replies_ok}/{r.replies_expected} | {r.errors} "
+        f"| {len(r.overhead_ms)} "
         f"| {_f(r.pct('e2r_ms', 50))} | {_f(r.pct('e2r_ms', 95))} | {_f(r.pct('e2r_ms', 99))} "
         f"| {_f(r.pct('overhead_ms', 50))} | {_f(r.pct('overhead_ms', 95))} | {_f(r.pct('overhead_ms', 99))} "
-        f"| {_f(r.overhead_pct_no_barge_in(95))} ({sum(r.barge_in)}) "
-        f"| {_f(r.pct('detect_ms', 95))} | {_f(r.server_cpu_pct)} | {_f(r.server_rss_mb)} "
+        f"| {_f(r.overhead_pct_no_barge_in(95))} ({r.n_no_barge_in}) "
+        f"| {_f(r.pct('detect_ms', 95))} ({len(r.detect_ms)}) | {_f(r.server_cpu_pct)} | {_f(r.server_rss_mb)} "
         f"| {_f(r.client_cpu_pct)} | {_f(r.other_cpu_pct)} | {_f(r.client_send_lag_ms.get('p99'), 1)} |"
     )
 
@@ -848,6 +913,8 @@ def passes(r: StepResult) -> bool:
 
 
 def target_verdict(rows: list[StepResult]) -> tuple[bool, list[str]]:
+    """Per mode (rows of one client configuration): the largest N that passes and the
+    verdict. Returns (whether `batched` met the target, the lines)."""
     lines = []
     met_any = False
     for mode in dict.fromkeys(r.mode for r in rows):
@@ -863,15 +930,32 @@ def target_verdict(rows: list[StepResult]) -> tuple[bool, list[str]]:
         met = any(r.n >= TARGET_SESSIONS and passes(r) for r in mine)
         met_any = met_any or (met and mode == "batched")
         lines.append(
-            f"- {mode}: largest N passing (all replies, 0 errors, overhead p95 < {TARGET_OVERHEAD_P95_MS:.0f} ms): "
+            f"- {MODE_LABELS.get(mode, mode)}: largest N passing (all replies, 0 errors, overhead p95 < "
+            f"{TARGET_OVERHEAD_P95_MS:.0f} ms): "
             f"{best if best is not None else 'none'} (every N up to {clean if clean is not None else '-'} passed); "
             f"target >= {TARGET_SESSIONS} sessions: **{'MET' if met else 'NOT MET'}**"
         )
     return met_any, lines
 
 
+def by_config(rows: list[StepResult]) -> dict[str, list[StepResult]]:
+    out: dict[str, list[StepResult]] = {}
+    for r in rows:
+        out.setdefault(r.config, []).append(r)
+    return out
+
+
+def _config_title(rows: list[StepResult]) -> str:
+    r = rows[0]
+    return CONFIG_TITLES.get(
+        r.config,
+        f"{r.frame_ms} ms frames, permessage-deflate {'offered' if r.compression else 'off'}",
+    )
+
+
 def render_markdown(rows: list[StepResult], meta: dict[str, Any]) -> str:
     m = meta["machine"]
+    servers = meta.get("server_commands") or {"": meta["server_command"]}
     lines = [
         "# bench_reply: concurrent real-time ReplyOnPause sessions over WebSocket",
         "",
@@ -883,53 +967,69 @@ def render_markdown(rows: list[StepResult], meta: dict[str, Any]) -> str:
         f"- command: `{meta['command']}`; code: {meta.get('code_version', 'unknown')}"
         + ("" if meta.get("code_version_at_end", meta.get("code_version")) == meta.get("code_version")
            else f" at start, {meta['code_version_at_end']} at the end (**the code changed during the run**)"),
-        f"- server: `{meta['server_command']}` (fresh process per row, one unmeasured warm-up session; "
-        "`batched` = `BATCHRTC_VAD_MAX_BATCH=512`, `unbatched` = `BATCHRTC_VAD_MAX_BATCH=1`)",
+        "- servers (a fresh process per row, one unmeasured warm-up session each):",
+        *[f"  - {MODE_LABELS.get(k, k) + ': ' if k else ''}`{v}`" for k, v in servers.items()],
         f"- clients: {meta['client_desc']}",
-        f"- frames: {meta['frame_ms']} ms mu-law at 48 kHz" + (
-            "" if meta["frame_ms"] == 20 else " (LARGER than the 20 ms default: fewer, bigger messages)"
-        ),
         f"- fixtures: {', '.join(meta['fixtures'])}; expected replies per session from an exact replay "
         f"of the same frames through ReplyOnPause: {meta['expected_per_fixture']}",
         f"- algorithmic floor (end of speech -> end of the 0.6 s chunk that detects the pause): "
         f"p50 {_f(meta['floor_p50'])} ms, min {_f(meta['floor_min'])}, max {_f(meta['floor_max'])} ms",
         "",
-        "Columns: `e2r` = end of speech -> first reply byte (ms); `overhead` = send of the frame that "
-        "completed the pause chunk -> first reply byte (ms, the server-added latency); `detect` = that "
-        "frame -> `pause_detected` log (ms); `w/o barge-in` = overhead p95 over the utterances whose "
-        "pause came while the session's previous reply was NOT still being streamed (the count in "
-        "brackets is how many were: there the new reply queues behind the old one's pacing); CPU in % of one core over the steady window (all sessions "
-        "streaming; the machine has "
+        "Modes: `batched` = the default app, every session's VAD in the shared batched engine "
+        "(`BATCHRTC_VAD_MAX_BATCH=512`); `per-session onnxruntime (FastRTC)` = the same echo with "
+        "`ReplyOnPause(echo, model=get_silero_model())`: Silero through one onnxruntime session "
+        "(1+1 threads), called once per connection per 0.6 s chunk on a worker thread, as FastRTC "
+        "runs it; `batched, max_batch_size=1` = the default app with `BATCHRTC_VAD_MAX_BATCH=1` "
+        "(one worker thread runs every session's chunk in turn).",
+        "",
+        "Columns: `n` = replies the e2r and overhead percentiles are taken over; `e2r` = end of "
+        "speech -> first reply byte (ms); `overhead` = send of the frame that completed the pause "
+        "chunk -> first reply byte (ms, the server-added latency); `w/o barge-in` = overhead p95 over "
+        "the utterances whose pause came while the session's previous reply was NOT still being "
+        "streamed (n in brackets: there the new reply queues behind the old one's pacing); `detect` = "
+        "that frame -> `pause_detected` log (ms, n in brackets); CPU in % of one core over the steady "
+        "window (all sessions streaming; the machine has "
         f"{100 * m['usable_cpus']} %), `other` = the rest of the machine in that window (this driver, "
         "other jobs); RSS = peak during the row; client send lag = how late the load "
         "generator sent frames (p99, ms).",
-        "",
-        TABLE_HEADER,
-        *[table_row(r) for r in rows],
+    ]
+    groups = by_config(rows)
+    for cfg, mine in groups.items():
+        _, verdict = target_verdict(mine)
+        lines += [
+            "",
+            f"## {_config_title(mine)}",
+            "",
+            TABLE_HEADER,
+            *[table_row(r) for r in mine],
+            "",
+            f"Target: on this machine >= {TARGET_SESSIONS} concurrent real-time ReplyOnPause sessions "
+            f"with p95 overhead < {TARGET_OVERHEAD_P95_MS:.0f} ms and 0 errors "
+            f"({mine[0].frame_ms} ms frames, permessage-deflate {'on' if mine[0].compression else 'off'}):",
+            *verdict,
+        ]
+    lines += [
         "",
         "Latency percentiles are over the replies that did arrive: a row with missing replies "
         "understates its latency (a missing reply was still queued in the server when its session "
         f"sent `stop`, {meta.get('listen_s', '?')} s after its last frame). `other CPU %` well above 0 means "
         "other jobs competed for the same cores during that row.",
-        "",
-        f"Target: on this machine >= {TARGET_SESSIONS} concurrent real-time ReplyOnPause sessions with "
-        f"p95 overhead < {TARGET_OVERHEAD_P95_MS:.0f} ms and 0 errors.",
-        *meta["verdict_lines"],
     ]
     notes = []
     for r in rows:
+        tag = f"{MODE_LABELS.get(r.mode, r.mode)} N={r.n} ({r.frame_ms} ms)"
         if r.mismatches:
-            notes.append(f"- {r.mode} N={r.n}: {r.mismatches} session(s) whose pause_detected count/timing "
+            notes.append(f"- {tag}: {r.mismatches} session(s) whose pause_detected count/timing "
                          "differed from the reference replay")
         if r.error_samples:
-            notes.append(f"- {r.mode} N={r.n} errors, e.g.: {'; '.join(r.error_samples[:3])}")
+            notes.append(f"- {tag} errors, e.g.: {'; '.join(r.error_samples[:3])}")
         if r.server_log_warnings:
-            notes.append(f"- {r.mode} N={r.n}: {r.server_log_warnings} server log warning/error line(s), e.g. "
+            notes.append(f"- {tag}: {r.server_log_warnings} server log warning/error line(s), e.g. "
                          f"`{(r.server_log_sample or [''])[0][:160]}`")
         if r.vad_stats and r.vad_stats.get("batch_size_hist"):
             vs = r.vad_stats
             notes.append(
-                f"- {r.mode} N={r.n} VAD batches: {vs['batches']}, mean size {_f(vs['mean_batch'], 1)}, "
+                f"- {tag} VAD batches: {vs['batches']}, mean size {_f(vs['mean_batch'], 1)}, "
                 f"flush reasons {vs['flush_reasons']}"
             )
     if notes:
@@ -946,6 +1046,10 @@ def step_to_json(r: StepResult) -> dict[str, Any]:
         d[name] = [round(x, 2) for x in d[name]]
     d["floor_ms"] = [round(x, 2) for x in d["floor_ms"]]
     d["other_cpu_pct"] = r.other_cpu_pct
+    d["label"] = MODE_LABELS.get(r.mode, r.mode)
+    d["config"] = r.config
+    d["n_latency_samples"] = len(r.overhead_ms)
+    d["n_no_barge_in"] = r.n_no_barge_in
     d["overhead_no_barge_in_pcts_ms"] = {
         q: r.overhead_pct_no_barge_in(p) for q, p in (("p50", 50), ("p95", 95), ("p99", 99))
     }
@@ -962,11 +1066,13 @@ def plot(rows: list[StepResult], path: Path) -> bool:
     except Exception:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for mode in dict.fromkeys(r.mode for r in rows):
-        mine = sorted((r for r in rows if r.mode == mode), key=lambda r: r.n)
+    for (cfg, mode) in dict.fromkeys((r.config, r.mode) for r in rows):
+        mine = sorted((r for r in rows if r.mode == mode and r.config == cfg), key=lambda r: r.n)
         ns = [r.n for r in mine]
-        axes[0].plot(ns, [r.pct("overhead_ms", 95) or np.nan for r in mine], "o-", label=mode)
-        axes[1].plot(ns, [r.pct("e2r_ms", 95) or np.nan for r in mine], "o-", label=mode)
+        label = f"{MODE_LABELS.get(mode, mode)}, {mine[0].frame_ms} ms" + ("" if mine[0].compression else ", no deflate")
+        style = "o-" if cfg == "default" else "s--"
+        axes[0].plot(ns, [r.pct("overhead_ms", 95) or np.nan for r in mine], style, label=label)
+        axes[1].plot(ns, [r.pct("e2r_ms", 95) or np.nan for r in mine], style, label=label)
     axes[0].axhline(TARGET_OVERHEAD_P95_MS, color="gray", ls="--", lw=1, label="target")
     axes[0].set_title("p95 server overhead (pause chunk sent -> first reply byte)")
     axes[1].set_title("p95 end of speech -> first reply byte")
@@ -975,7 +1081,7 @@ def plot(rows: list[StepResult], path: Path) -> bool:
         ax.set_ylabel("ms")
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -986,15 +1092,19 @@ def plot(rows: list[StepResult], path: Path) -> bool:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sessions", default=None, help=f"comma-separated N list (default {DEFAULT_SESSIONS})")
-    ap.add_argument("--modes", default="batched,unbatched", help="comma-separated: batched, unbatched")
-    ap.add_argument("--frame-ms", type=int, default=20, help="client media frame length (default 20)")
+    ap.add_argument("--modes", default=DEFAULT_MODES,
+                    help=f"comma-separated, of {', '.join(MODES)} (default: all, in that order)")
+    ap.add_argument("--frame-ms", type=int, default=None,
+                    help="client media frame length: run this one configuration only (default: two "
+                    "tables, 20 ms with permessage-deflate, then 100 ms without)")
     ap.add_argument("--fixtures", default="all", help="'all' (cycle over the four) or comma-separated WAV names")
     ap.add_argument("--tail-s", type=float, default=1.5, help="silence appended to each fixture (s)")
     ap.add_argument("--listen-s", type=float, default=2.5, help="keep listening after a session's last frame (s)")
     ap.add_argument("--max-audio-s", type=float, default=None, help="truncate fixtures to this many seconds")
     ap.add_argument("--stagger-s", type=float, default=0.6, help="session starts spread over this (s)")
     ap.add_argument("--client-procs", type=int, default=0, help="load-generator processes (0 = auto: 1 up to N=100, else 2)")
-    ap.add_argument("--no-compression", action="store_true", help="do not offer permessage-deflate")
+    ap.add_argument("--no-compression", action="store_true",
+                    help="do not offer permessage-deflate (one configuration only, see --frame-ms)")
     ap.add_argument("--max-delay-ms", type=float, default=None, help="BATCHRTC_VAD_MAX_DELAY_MS for the server")
     ap.add_argument("--vad-stats", action="store_true",
                     help="serve through benchmarks.bench_reply:vad_stats_app (adds a GET route with batcher stats)")
@@ -1014,101 +1124,120 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         a.listen_s = min(a.listen_s, 1.5)
     a.out = a.out or str(RESULTS_DIR / ("bench_reply_quick.md" if a.quick else "bench_reply.md"))
     a.sessions = [int(x) for x in (a.sessions or DEFAULT_SESSIONS).split(",") if x.strip()]
-    a.modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    a.modes = [MODE_ALIASES.get(m.strip(), m.strip()) for m in a.modes.split(",") if m.strip()]
     for m in a.modes:
         if m not in MODES:
             ap.error(f"unknown mode {m!r}")
+    if a.frame_ms is None and not a.no_compression:
+        a.configs = [CONFIGS["default"], CONFIGS["frame100-nodeflate"]]
+    else:
+        a.configs = [(a.frame_ms or 20, None if a.no_compression else "deflate")]
     a.fixtures = list(FIXTURES) if a.fixtures == "all" else [f.strip() for f in a.fixtures.split(",")]
     return a
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    command = "python -m benchmarks.bench_reply " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    command = " ".join(["python -m benchmarks.bench_reply", *(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))])
     t_all = time.monotonic()
     code_version_at_start = code_version()
-    print(f"building workloads ({len(a.fixtures)} fixture(s), {a.frame_ms} ms frames) ...", flush=True)
-    workloads = build_workloads(a.fixtures, frame_ms=a.frame_ms, tail_s=a.tail_s, max_audio_s=a.max_audio_s)
-    for w in workloads:
-        print(f"  {w.name}: {w.duration_s:.2f} s, {w.n_frames} frames, pauses at frames {w.pause_frames} "
-              f"(speech ends {w.speech_end_s}, spans {len(w.spans)})", flush=True)
-        if not w.pause_frames:
-            print(f"  WARNING: {w.name} has no detectable pause with these settings", flush=True)
-    opts = StepOptions(
-        stagger_s=a.stagger_s, tail_s=a.listen_s, client_procs=a.client_procs,
-        compression=None if a.no_compression else "deflate",
-    )
+    # Workloads per (frame length, VAD kind): the per-call model's pauses are replayed with it.
+    workloads: dict[tuple[int, str], list[Workload]] = {}
+    for frame_ms, _ in a.configs:
+        for vad in dict.fromkeys(MODES[m][2] for m in a.modes):
+            print(f"building workloads ({len(a.fixtures)} fixture(s), {frame_ms} ms frames, {vad} VAD) ...", flush=True)
+            wls = build_workloads(a.fixtures, frame_ms=frame_ms, tail_s=a.tail_s, max_audio_s=a.max_audio_s, vad=vad)
+            workloads[frame_ms, vad] = wls
+            for w in wls:
+                print(f"  {w.name}: {w.duration_s:.2f} s, {w.n_frames} frames, pauses at frames {w.pause_frames} "
+                      f"(speech ends {w.speech_end_s}, spans {len(w.spans)})", flush=True)
+                if not w.pause_frames:
+                    print(f"  WARNING: {w.name} has no detectable pause with these settings", flush=True)
     concurrency = max(a.sessions) + 16
     rows: list[StepResult] = []
-    server_command = ""
+    server_commands: dict[str, str] = {}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(TABLE_HEADER, flush=True)
     try:
-        for mode in a.modes:
-            fails = 0
-            for n in a.sessions:
-                if a.stop_after_fail and fails >= a.stop_after_fail:
-                    print(f"| {mode} | {n} | skipped after {fails} failing rows |", flush=True)
-                    continue
-                srv = ServerProcess(mode, concurrency=concurrency, max_delay_ms=a.max_delay_ms, vad_stats=a.vad_stats)
-                try:
-                    with srv:
-                        server_command = srv.command
-                        r = run_step(srv, n, workloads, opts)
-                except KeyboardInterrupt:
-                    raise
-                except Exception as e:  # a row that could not run is reported, not hidden
-                    r = StepResult(mode, n, a.frame_ms, srv.command)
-                    r.replies_expected = sum(len(workloads[i % len(workloads)].pause_frames) for i in range(n))
-                    r.errors = max(1, r.replies_expected)
-                    r.error_samples = [f"step failed: {type(e).__name__}: {str(e)[:300]}"]
-                    print(f"  step failed: {e}\n{srv.log_tail(10)}", file=sys.stderr, flush=True)
-                finally:
-                    srv.stop()
-                    srv.cleanup_log()
-                rows.append(r)
-                fails = 0 if passes(r) else fails + 1
-                print(table_row(r), flush=True)
+        for frame_ms, compression in a.configs:
+            print(f"\n{frame_ms} ms frames, permessage-deflate {'offered' if compression else 'off'}", flush=True)
+            print(TABLE_HEADER, flush=True)
+            opts = StepOptions(stagger_s=a.stagger_s, tail_s=a.listen_s, client_procs=a.client_procs,
+                               compression=compression)
+            for mode in a.modes:
+                wls = workloads[frame_ms, MODES[mode][2]]
+                fails = 0
+                for n in a.sessions:
+                    if a.stop_after_fail and fails >= a.stop_after_fail:
+                        print(f"| {MODE_LABELS[mode]} | {n} | skipped after {fails} failing rows |", flush=True)
+                        continue
+                    srv = ServerProcess(mode, concurrency=concurrency, max_delay_ms=a.max_delay_ms,
+                                        vad_stats=a.vad_stats)
+                    try:
+                        with srv:
+                            server_commands[mode] = srv.command
+                            r = run_step(srv, n, wls, opts)
+                    except KeyboardInterrupt:
+                        raise
+                    except Exception as e:  # a row that could not run is reported, not hidden
+                        r = StepResult(mode, n, frame_ms, srv.command, compression)
+                        r.replies_expected = sum(len(wls[i % len(wls)].pause_frames) for i in range(n))
+                        r.errors = max(1, r.replies_expected)
+                        r.error_samples = [f"step failed: {type(e).__name__}: {str(e)[:300]}"]
+                        print(f"  step failed: {e}\n{srv.log_tail(10)}", file=sys.stderr, flush=True)
+                    finally:
+                        srv.stop()
+                        srv.cleanup_log()
+                    rows.append(r)
+                    fails = 0 if passes(r) else fails + 1
+                    print(table_row(r), flush=True)
     except KeyboardInterrupt:
         print("interrupted: writing the rows measured so far", file=sys.stderr, flush=True)
-    finally:
-        pass  # every server was stopped by its own `finally` above
     floors = [x for r in rows for x in r.floor_ms] or [
-        (ce - se) * 1e3 for w in workloads for ce, se in zip(w.pause_chunk_end_s, w.speech_end_s)
+        (ce - se) * 1e3 for wls in workloads.values() for w in wls
+        for ce, se in zip(w.pause_chunk_end_s, w.speech_end_s)
     ]
-    met, verdict_lines = target_verdict(rows)
+    verdicts = {cfg: target_verdict(mine) for cfg, mine in by_config(rows).items()}
     kdesc = "auto (1 process up to N=100, else 2)" if not a.client_procs else str(a.client_procs)
     meta = {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine_info(),
         "command": command,
         "code_version": code_version_at_start,
-        "server_command": server_command or "python -m uvicorn server.echo_app:stream --port P --log-level warning",
-        "client_desc": f"{kdesc} spawn process(es), one asyncio loop each, websockets "
-        f"{'with' if opts.compression else 'without'} permessage-deflate, starts staggered over "
-        f"{a.stagger_s} s, listening {a.listen_s} s after the last frame",
-        "frame_ms": a.frame_ms,
+        "server_command": next(iter(server_commands.values()), "python -m uvicorn server.echo_app:stream --port P --log-level warning"),
+        "server_commands": server_commands,
+        "client_desc": f"{kdesc} spawn process(es), one asyncio loop each, websockets client; "
+        f"mu-law media at 48 kHz; starts staggered over {a.stagger_s} s, listening {a.listen_s} s "
+        "after the last frame",
+        "configs": [{"frame_ms": f, "compression": c} for f, c in a.configs],
+        "frame_ms": a.configs[0][0],
         "listen_s": a.listen_s,
         "fixtures": a.fixtures,
-        "expected_per_fixture": {w.name: len(w.pause_frames) for w in workloads},
+        "expected_per_fixture": {
+            f"{vad}, {f} ms": {w.name: len(w.pause_frames) for w in wls} for (f, vad), wls in workloads.items()
+        },
         "floor_p50": float(np.median(floors)) if floors else None,
         "floor_min": float(np.min(floors)) if floors else None,
         "floor_max": float(np.max(floors)) if floors else None,
-        "verdict_lines": verdict_lines,
-        "target_met": met,
+        "verdict_lines": {cfg: v[1] for cfg, v in verdicts.items()},
+        "target_met": {cfg: v[0] for cfg, v in verdicts.items()},
         "wall_s": round(time.monotonic() - t_all, 1),
         "code_version_at_end": code_version(),
     }
     md = render_markdown(rows, meta)
     print()
-    print("\n".join(verdict_lines))
+    for cfg, (_, lines) in verdicts.items():
+        print(f"{CONFIG_TITLES.get(cfg, cfg)}:")
+        print("\n".join(lines))
     out.write_text(md)
     raw = {
         "meta": meta,
-        "workloads": [
-            {k: v for k, v in asdict(w).items() if k != "messages"} | {"n_frames": w.n_frames} for w in workloads
-        ],
+        "workloads": {
+            f"{vad}, {f} ms": [
+                {k: v for k, v in asdict(w).items() if k != "messages"} | {"n_frames": w.n_frames} for w in wls
+            ]
+            for (f, vad), wls in workloads.items()
+        },
         "rows": [step_to_json(r) for r in rows],
     }
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1))

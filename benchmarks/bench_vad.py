@@ -5,7 +5,10 @@ One VAD frame = one 512-sample window at 16 kHz = 32 ms of audio; a real-time st
 
 * ``batched (eager)``  -- ``models.silero.SileroVAD`` at batch sizes 1, 2, 4, ... 4096, one
   window per stream per step, LSTM state (h, c) fed back every step, under
-  ``torch.inference_mode()``. On CPU, "per core" divides by ``torch.get_num_threads()``.
+  ``torch.inference_mode()``. On CPU, "per core" divides by the torch thread count. The
+  headline rows (and the ratio and verdict) use the thread count the server's VAD worker runs
+  with (``server.vad_engine.default_vad_threads``: 1 on CPU); the same sizes are repeated
+  with torch's default thread count (all cores) as extra rows.
 * ``per-stream torchscript`` -- ``silero_vad.load_silero_vad()`` (the .jit model), one
   instance per stream, ``model(chunk, 16000)`` one window at a time, streams round-robin.
 * ``per-stream onnxruntime (OnnxWrapper)`` -- ``silero_vad.load_silero_vad(onnx=True)``
@@ -28,7 +31,9 @@ Usage::
     python -m benchmarks.bench_vad --device cuda   # GPU rows (CPU baselines still run on the host)
 
 Writes ``benchmarks/results/bench_vad_<device>.md`` (``--out``) and a ``.json`` with the raw
-numbers next to it.
+numbers next to it. Both record the command. Before timing, the batched module is checked
+against the wheel's TorchScript model on the four speech fixtures (max |p - TorchScript|, on
+CPU and, with CUDA rows, on the GPU).
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -58,7 +64,7 @@ DEFAULT_BATCH_SIZES = [2 ** i for i in range(13)]  # 1 .. 4096
 DEFAULT_CUDA_BATCH_SIZES = [2 ** i for i in range(16)]  # 1 .. 32768
 QUICK_BATCH_SIZES = [1, 16, 256]
 
-RATIO_BATCH = 256
+RATIO_BATCH = 256  # batch of the headline CPU ratio
 RATIO_TARGET = 5.0           # CPU: batched/core at B=256 >= 5x per-stream onnxruntime/core
 CUDA_FPS_TARGET = 1_000_000  # GPU: >= 1M frames/s ...
 CUDA_STEP_MS_TARGET = 5.0    # ... with one batch's run time <= 5 ms
@@ -310,6 +316,36 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+# ---------------------------------------------------------------------------- agreement
+def agreement(device: str) -> float:
+    """max |p - TorchScript| over the four speech fixtures: our module on `device` (one
+    stream each, all windows in one forward_windows call) vs the wheel's TorchScript model
+    run window by window on the CPU, both from zero state."""
+    from silero_vad import load_silero_vad
+
+    from tests.audio_fixtures import SPEECH_FIXTURES, load_wav
+
+    threads = torch.get_num_threads()
+    jit = load_silero_vad()  # sets torch to 1 thread process-wide: restored below
+    torch.set_num_threads(threads)
+    model = load_model(device)
+    err = 0.0
+    with torch.inference_mode():
+        for name in SPEECH_FIXTURES:
+            sr, x = load_wav(name)
+            assert sr == SAMPLE_RATE
+            n = len(x) // WINDOW
+            w = torch.from_numpy((x[: n * WINDOW].astype(np.float32) / 32768.0).reshape(n, WINDOW))
+            jit.reset_states()
+            ref = torch.tensor([jit(w[i], SAMPLE_RATE).item() for i in range(n)])
+            h = torch.zeros(1, HIDDEN, device=device)
+            c = torch.zeros(1, HIDDEN, device=device)
+            ctx = torch.zeros(1, CONTEXT, device=device)
+            probs, *_ = model.forward_windows(w[None].to(device), ctx, h, c)
+            err = max(err, float((probs[0].float().cpu() - ref).abs().max()))
+    return err
+
+
 # ---------------------------------------------------------------------------- batched
 def load_model(device: str) -> torch.nn.Module:
     from models.silero import SileroVAD
@@ -322,6 +358,7 @@ def bench_batched_cpu(batch_sizes: list[int], target_s: float, warmup: int = 3,
     """Batched rows with the current torch.get_num_threads(); extra goes into Row.extra."""
     model = model if model is not None else load_model("cpu")
     threads = torch.get_num_threads()
+    extra.setdefault("headline", False)
     pool_n = _pool_windows(max(batch_sizes))
     audio = make_audio(max(batch_sizes), pool_n, seed=1)
     rows = []
@@ -549,21 +586,23 @@ def _nearest(rows: list[Row], batch: int) -> Row | None:
 def summarize(rows: list[Row]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     cpu_all = [r for r in rows if r.method == M_BATCHED and r.device == "cpu"]
-    cpu_b = [r for r in cpu_all if not r.extra.get("single_thread_ref")]
-    one = [r for r in cpu_all if r.extra.get("single_thread_ref")]
+    cpu_b = [r for r in cpu_all if r.extra.get("headline")]  # the server's thread count
+    alt = [r for r in cpu_all if not r.extra.get("headline")]  # torch's default thread count
     ort = {r.method: r for r in rows if r.method in (M_ORT_RAW, M_ORT_WRAP)}
     ref = _nearest(cpu_b, RATIO_BATCH)
     if ref is not None and ref.frames_s_per_core:
         out["cpu_ratio_batch"] = ref.batch
+        out["cpu_threads"] = ref.threads
         out["cpu_batched_per_core"] = ref.frames_s_per_core
         for key, m in (("raw", M_ORT_RAW), ("wrapper", M_ORT_WRAP)):
             if m in ort and ort[m].frames_s_per_core:
                 out[f"ratio_vs_ort_{key}"] = ref.frames_s_per_core / ort[m].frames_s_per_core
-        ref1 = _nearest(one, RATIO_BATCH)
-        if ref1 is not None and ref1.batch == ref.batch and M_ORT_RAW in ort:
-            out["cpu_batched_per_core_1thread"] = ref1.frames_s_per_core
-            out["ratio_vs_ort_raw_1thread"] = (ref1.frames_s_per_core
-                                              / ort[M_ORT_RAW].frames_s_per_core)
+        ref_alt = _nearest(alt, RATIO_BATCH)
+        if ref_alt is not None and ref_alt.batch == ref.batch and M_ORT_RAW in ort:
+            out["alt_threads"] = ref_alt.threads
+            out["cpu_batched_per_core_alt_threads"] = ref_alt.frames_s_per_core
+            out["ratio_vs_ort_raw_alt_threads"] = (ref_alt.frames_s_per_core
+                                                   / ort[M_ORT_RAW].frames_s_per_core)
         best = max(cpu_b, key=lambda r: r.frames_s_per_core or 0)
         out["cpu_peak_per_core"] = best.frames_s_per_core
         out["cpu_peak_batch"] = best.batch
@@ -620,12 +659,17 @@ def render_markdown(info: dict[str, Any], rows: list[Row], summary: dict[str, An
         "",
         f"Machine: CPU {info['cpu_model']} | {info['usable_cpus']} usable / "
         f"{info['logical_cpus']} logical CPUs | torch {info['torch']} "
-        f"({info['torch_threads']} threads) | onnxruntime {info.get('onnxruntime')} | "
+        f"(batched CPU rows: {info['torch_threads']} thread(s), the server's VAD setting"
+        + (f"; then torch's default {info['torch_default_threads']}"
+           if info.get("torch_default_threads") not in (None, info["torch_threads"]) else "")
+        + f") | onnxruntime {info.get('onnxruntime')} | "
         f"silero-vad {info.get('silero_vad')} | GPU: {info['gpu'] or 'none'}"
         + (f" (CUDA {info.get('cuda')})" if info["gpu"] else ""),
         "",
         f"Other processes' CPU load: {_pct(info.get('system_busy_start'))} before, "
         f"{_pct(info.get('system_busy_end'))} after this run (should be ~0% for clean numbers).",
+        "",
+        f"Command: `{info.get('command', '?')}`",
         "",
         f"Config: per-stream streams={config['streams']}, ~{config['time_per_size']} s timed "
         f"per size, median step; batched state carried; inputs = fixed-seed noise + sines.",
@@ -654,27 +698,33 @@ def render_markdown(info: dict[str, Any], rows: list[Row], summary: dict[str, An
         lines += ["", f"† other processes used > {100 * NOISY_LOAD:.0f}% of the CPUs while this "
                   "row was timed (see other_load in the JSON); treat it as noisy."]
     lines += ["", "## Key ratios", ""]
+    if "max_abs_err_vs_torchscript" in summary:
+        errs = ", ".join(f"{dev}: {e:.2g}" for dev, e in summary["max_abs_err_vs_torchscript"].items())
+        lines.append(f"- agreement: batched module vs the wheel's TorchScript model on the four "
+                     f"speech fixtures (one stream each, 16 kHz), max |p - TorchScript| = {errs}")
     if "cpu_ratio_batch" in summary:
         b = summary["cpu_ratio_batch"]
         note = "" if b == RATIO_BATCH else f" (batch {RATIO_BATCH} not run; nearest {b})"
-        lines.append(f"- CPU batched frames/s per core at batch {b}{note} "
-                     f"({info['torch_threads']} threads): "
+        lines.append(f"- CPU batched frames/s per core at batch {b}{note}, "
+                     f"{summary['cpu_threads']} thread(s) (what the server's VAD worker runs "
+                     f"with: `server.vad_engine.default_vad_threads`): "
                      f"{_fmt(summary['cpu_batched_per_core'])}")
         if "ratio_vs_ort_raw" in summary:
             lines.append(f"- ratio vs per-stream onnxruntime (raw session) per core: "
                          f"**{summary['ratio_vs_ort_raw']:.2f}x**")
-        if "ratio_vs_ort_raw_1thread" in summary:
-            lines.append(f"- same with the batched module on 1 thread: "
-                         f"{_fmt(summary['cpu_batched_per_core_1thread'])} frames/s per core, "
-                         f"{summary['ratio_vs_ort_raw_1thread']:.2f}x vs onnxruntime (raw session)")
+        if "ratio_vs_ort_raw_alt_threads" in summary:
+            lines.append(f"- same module with torch's default {summary['alt_threads']} threads "
+                         f"(not what the server runs): "
+                         f"{_fmt(summary['cpu_batched_per_core_alt_threads'])} frames/s per core, "
+                         f"{summary['ratio_vs_ort_raw_alt_threads']:.2f}x vs onnxruntime (raw session)")
         if "ratio_vs_ort_wrapper" in summary:
             lines.append(f"- ratio vs per-stream onnxruntime (OnnxWrapper) per core: "
                          f"{summary['ratio_vs_ort_wrapper']:.2f}x")
         lines.append(f"- CPU batched peak per core: {_fmt(summary['cpu_peak_per_core'])} "
                      f"frames/s at batch {summary['cpu_peak_batch']}")
         if "cpu_target_met" in summary:
-            lines.append(f"- target (CPU, batch {RATIO_BATCH}: >= {RATIO_TARGET:g}x per-stream "
-                         f"onnxruntime raw session per core): "
+            lines.append(f"- target (CPU, batch {RATIO_BATCH}, the server's thread count: "
+                         f">= {RATIO_TARGET:g}x per-stream onnxruntime raw session per core): "
                          f"**{'MET' if summary['cpu_target_met'] else 'NOT MET'}**")
     for label, c in summary.get("cuda", {}).items():
         within = ("none" if c["largest_batch_within_5ms"] is None else
@@ -712,8 +762,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=None, help="override for the CUDA rows only (default: "
                    "--batch-sizes if given, else 1..32768)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads for the batched CPU rows (default: torch's "
-                        "default, captured before silero_vad's import sets it to 1)")
+                   help="torch threads for the headline batched CPU rows (default: the "
+                        "server's, server.vad_engine.default_vad_threads('cpu')); rows with "
+                        "torch's default thread count follow when it differs")
     p.add_argument("--jit-threads", type=int, default=1,
                    help="torch threads for the per-stream TorchScript rows (default 1: a "
                         "single window does not parallelise; per-core numbers use this)")
@@ -735,7 +786,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="markdown output path (default benchmarks/results/bench_vad_<device>.md); "
                         "(_quick.md with --quick); the JSON goes next to it with a .json "
                         "suffix; '-' = don't write")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
 
 
 def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any], dict[str, Any]]:
@@ -751,7 +804,11 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any], dict[str, 
 def _run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any], dict[str, Any]]:
     global _WAIT_IDLE_S
     _WAIT_IDLE_S = max(0.0, getattr(args, "wait_idle", 0.0) or 0.0)
-    batched_threads = args.threads or _TORCH_DEFAULT_THREADS or _usable_cpus()
+    from server.vad_engine import default_vad_threads  # after _TORCH_DEFAULT_THREADS was read
+
+    default_threads = _TORCH_DEFAULT_THREADS or _usable_cpus()
+    # Headline rows: the server's own VAD thread count on CPU (or --threads to try another).
+    batched_threads = args.threads or default_vad_threads("cpu") or default_threads
     quick = args.quick
     target_s = args.time_per_size if args.time_per_size else (0.2 if quick else 1.5)
     streams = args.streams if not (quick and args.streams == 8) else 4
@@ -763,6 +820,9 @@ def _run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any], dict[str,
                   or (QUICK_BATCH_SIZES + [4096] if quick else DEFAULT_CUDA_BATCH_SIZES))
     info = machine_info()
     info["torch_threads"] = batched_threads
+    info["torch_default_threads"] = default_threads
+    info["command"] = "python -m benchmarks.bench_vad " + " ".join(
+        shlex.quote(a) for a in (getattr(args, "argv", None) or []))
     info["system_busy_start"] = system_busy()
     if (info["system_busy_start"] or 0) > 0.15:
         _log(f"WARNING: other processes keep {_pct(info['system_busy_start'])} of the CPUs "
@@ -777,18 +837,24 @@ def _run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any], dict[str,
                                          warmup=args.warmup))
         for r in rows:
             _log(f"  {r.method}: {r.step_ms:.4f} ms/call  {r.frames_s:,.0f} frames/s")
+        errs = {"cpu": agreement("cpu")}
+        if use_cuda:
+            errs["cuda"] = agreement("cuda")
+        _log(f"agreement with TorchScript: {errs}")
         torch.set_num_threads(batched_threads)  # undo silero_vad's import-time set_num_threads(1)
         if not args.skip_cpu_batched:
-            _log(f"batched CPU ({torch.get_num_threads()} threads)")
+            _log(f"batched CPU ({torch.get_num_threads()} threads, the server's setting)")
             model = load_model("cpu")
             rows.extend(bench_batched_cpu(batch_sizes, target_s, warmup=args.warmup,
-                                          model=model))
-            if batched_threads > 1 and RATIO_BATCH in batch_sizes:
-                # per-core reference: the same module on one thread at the ratio batch
-                torch.set_num_threads(1)
+                                          model=model, headline=True))
+            if default_threads != batched_threads:
+                # Extra rows: torch's default thread count (all cores), which the server does
+                # not use for the VAD on CPU.
+                _log(f"batched CPU ({default_threads} threads, torch's default)")
+                torch.set_num_threads(default_threads)
                 try:
-                    rows.extend(bench_batched_cpu([RATIO_BATCH], target_s, warmup=args.warmup,
-                                                  model=model, single_thread_ref=True))
+                    rows.extend(bench_batched_cpu(batch_sizes, target_s, warmup=args.warmup,
+                                                  model=model))
                 finally:
                     torch.set_num_threads(batched_threads)
         if use_cuda:
@@ -801,7 +867,9 @@ def _run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any], dict[str,
                       "batch_sizes": batch_sizes, "cuda_batch_sizes": cuda_sizes if use_cuda
                       else None, "jit_threads": args.jit_threads,
                       "torch_threads": torch.get_num_threads()}
-    return rows, summarize(rows), info
+    summary = summarize(rows)
+    summary["max_abs_err_vs_torchscript"] = errs
+    return rows, summary, info
 
 
 def write_results(md: str, rows: list[Row], summary: dict[str, Any], info: dict[str, Any],

@@ -1,19 +1,27 @@
 """End-to-end batched VAD engine: resample 48 kHz -> 16 kHz + re-frame + Silero, per batch.
 
-Measures the engine's batch function (what the batcher worker runs) at several numbers of
-streams, each pushing one 0.6 s ReplyOnPause chunk at 48 kHz, and checks its probabilities
-against the package's TorchScript model run one stream at a time.
+Measures the engine's batch function (what the batcher worker runs, with the engine's own
+torch thread count: 1 on CPU) at several numbers of streams, each pushing one 0.6 s
+ReplyOnPause chunk at 48 kHz, and checks its probabilities against the package's TorchScript
+model run one stream at a time (32 streams at 16 kHz, random chunk sizes).
 
-    python -m benchmarks.bench_vad_engine --device cuda --streams 1,64,512,2048,4096
+    python -m benchmarks.bench_vad_engine --device cuda --streams 1,64,256,1024,4096,16384
+    python -m benchmarks.bench_vad_engine --device cpu --streams 1,16,64,256
+
+Writes ``benchmarks/results/bench_vad_engine_<device>.md`` and ``.json`` (with the command).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import shlex
 import statistics
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +75,18 @@ async def accuracy(device: str) -> float:
     return err
 
 
+@contextlib.contextmanager
+def engine_threads(eng: VADEngine) -> Iterator[None]:
+    """Run on this thread with the torch thread count the engine's worker thread uses."""
+    before = torch.get_num_threads()
+    if eng.threads is not None:
+        torch.set_num_threads(eng.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def throughput(device: str, n_streams: int, iters: int) -> dict:
     eng = VADEngine(device=device, capacity=max(n_streams, 1))
     rng = np.random.default_rng(1)
@@ -83,11 +103,13 @@ def throughput(device: str, n_streams: int, iters: int) -> dict:
             items.append(_Work(s, 48000, x, before, total // 512, s.generation, s.hist_generation))
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        eng._run_batch(items)  # returns host probabilities: includes the copy back
-        dt = time.perf_counter() - t0
+        with engine_threads(eng):
+            t0 = time.perf_counter()
+            eng._run_batch(items)  # returns host probabilities: includes the copy back
+            dt = time.perf_counter() - t0
         if it >= 3:
             times.append(dt)
+    threads = eng.threads
     eng.close()
     med = statistics.median(times)
     windows = n_streams * (chunk // 3) / 512
@@ -97,7 +119,19 @@ def throughput(device: str, n_streams: int, iters: int) -> dict:
         "audio_s_per_s": n_streams * 0.6 / med,
         "windows_per_s": windows / med,
         "realtime_streams": n_streams * 0.6 / med,
+        "iters": len(times),
+        "torch_threads": threads if threads is not None else torch.get_num_threads(),
     }
+
+
+def platform_cpu() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -107,12 +141,18 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--out", default="benchmarks/results/bench_vad_engine_{device}.md")
     args = ap.parse_args()
+    command = "python -m benchmarks.bench_vad_engine " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     dev = args.device
     err = asyncio.run(accuracy(dev))
     rows = [throughput(dev, int(n), args.iters) for n in args.streams.split(",")]
-    name = torch.cuda.get_device_name(0) if dev.startswith("cuda") else f"CPU x{torch.get_num_threads()} threads"
+    if dev.startswith("cuda"):
+        name = torch.cuda.get_device_name(0)
+    else:
+        name = f"CPU ({platform_cpu()}, {rows[0]['torch_threads']} torch thread(s), the engine's setting)"
     lines = [
         f"# Batched VAD engine (resample + re-frame + Silero) on {name}, torch {torch.__version__}",
+        "",
+        f"Command: `{command}` ({args.iters} timed batches per row, median)",
         "",
         f"Accuracy: 32 streams, random chunk sizes, max |p - TorchScript| = {err:.2e}",
         "",
@@ -126,7 +166,9 @@ def main() -> None:
     out = Path(args.out.format(device=dev.replace(":", "")))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"max_abs_err": err, "rows": rows}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps(
+        {"command": command, "device": name, "torch": torch.__version__, "max_abs_err": err,
+         "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

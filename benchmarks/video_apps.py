@@ -22,8 +22,9 @@ handler returns frames only, no per-frame ``AdditionalOutputs`` / data-channel m
 ``480x640``: run the detector once at that size before serving, so the first measured frames
 do not pay CUDA start-up), ``BENCH_LOAD_DETECTOR`` (1; 0 skips loading it, for ``echo``).
 
-Each app also answers ``GET /_bench/stats`` (JSON: device, batcher stats, the sessions'
-summed received/processed/dropped video counters, CUDA memory) for the benchmark to read.
+Each app also answers ``GET /_bench/stats`` (JSON: device, batcher stats, the stream's
+lifetime received/processed/dropped video frame counters and the connected sessions' sums,
+CUDA memory) for the benchmark to read.
 """
 from __future__ import annotations
 
@@ -126,12 +127,21 @@ def _stream(handler: Any) -> Stream:
 
 
 def bench_stats(stream: Stream) -> dict:
-    video = {"received": 0, "processed": 0, "dropped": 0}
+    # Lifetime frame counters (`batchrtc_video_frames_total`: connected sessions plus those
+    # that ended, folded in when they end), so a window's difference never goes negative.
+    # Summing only the connected sessions did: a session that ended inside the window took
+    # its frames out of the second reading.
+    live = {"received": 0, "processed": 0, "dropped": 0}
     for s in list(stream.sessions.values()):
         v = getattr(s, "video", None)
         if v is not None:
-            for k in video:
-                video[k] += int(getattr(v, k, 0))
+            for k in live:
+                live[k] += int(getattr(v, k, 0))
+    registry = stream.metrics_registry
+    video = {
+        k: int(registry.get_sample_value("batchrtc_video_frames_total", {"outcome": k}) or 0)
+        for k in live
+    }
     h = stream.handler
     b = getattr(h, "_batcher", None)  # never create the batcher just to read it
     dev = _DETECTOR.device if _DETECTOR is not None else None
@@ -145,6 +155,7 @@ def bench_stats(stream: Stream) -> dict:
         "torch_threads": torch.get_num_threads(),
         "sessions": len(stream.sessions),
         "video": video,
+        "video_live": live,
         "batcher": b.stats.snapshot() if b is not None else None,
         "config": {"max_batch": MAX_BATCH, "max_delay_ms": MAX_DELAY_MS,
                    "deadline_ms": DEADLINE_MS, "concurrency": CONCURRENCY, "outputs": OUTPUTS},

@@ -10,7 +10,14 @@ from .handlers import (
     VideoEmitType,
     VideoStreamHandler,
 )
-from .reply_on_pause import AlgoOptions, ModelOptions, ReplyOnPause, SileroVadOptions
+from .pause_detection import (
+    ModelOptions,
+    PauseDetectionModel,
+    SileroVADModel,
+    SileroVadOptions,
+    get_silero_model,
+)
+from .reply_on_pause import AlgoOptions, ReplyOnPause
 from .stream import Stream, UnknownConnection
 from .utils import (
     AdditionalOutputs,
@@ -37,7 +44,9 @@ __all__ = [
     "AudioVideoStreamHandler",
     "CloseStream",
     "ModelOptions",
+    "PauseDetectionModel",
     "ReplyOnPause",
+    "SileroVADModel",
     "SileroVadOptions",
     "Stream",
     "StreamHandler",
@@ -54,5 +63,6 @@ __all__ = [
     "audio_to_float32",
     "audio_to_int16",
     "get_current_context",
+    "get_silero_model",
     "wait_for_item",
 ]

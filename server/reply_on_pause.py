@@ -6,7 +6,8 @@ chunk's window probabilities). More than `started_talking_threshold` -> the user
 talking; after that, a chunk with less than `speech_threshold` of speech -> pause: `fn` is
 called with the whole utterance. Unlike FastRTC, the VAD state carries across chunks (one
 stream per connection, v5+ model from the installed wheel) and all sessions share one batched
-model call.
+model call. With `model=` (FastRTC's `PauseDetectionModel`), that model measures each chunk
+instead, one call per connection per chunk on a worker thread, as in FastRTC.
 """
 
 from __future__ import annotations
@@ -17,23 +18,23 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-import torch
-
-# Importing silero_vad sets torch to one thread for the whole process (its model.py calls
-# torch.set_num_threads(1)); we only want its segment logic, so put the setting back.
-_threads = torch.get_num_threads()
-from silero_vad.utils_vad import get_speech_timestamps_from_probs  # noqa: E402
-
-torch.set_num_threads(_threads)
 
 from .handlers import AsyncStreamHandler, EmitType
+from .pause_detection import ModelOptions, PauseDetectionModel, SileroVadOptions, speech_timestamps
 from .utils import call_on_loop, create_message, to_mono
-from .vad_engine import VAD_RATE, WINDOW, VADStream, get_vad_engine
+from .vad_engine import VAD_RATE, VADStream, get_vad_engine
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["AlgoOptions", "ModelOptions", "ReplyOnPause", "SileroVadOptions", "speech_seconds"]
+
+LAYOUTS = ("mono", "stereo")
+# How long a turn waits for `set_input` values after asking for them (`send_input`) when the
+# handler needs additional inputs and the stream has no default values to use instead.
+ARGS_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -44,37 +45,26 @@ class AlgoOptions:
     max_continuous_speech_s: float = math.inf
 
 
-@dataclass
-class SileroVadOptions:
-    threshold: float = 0.5
-    min_speech_duration_ms: int = 250
-    max_speech_duration_s: float = math.inf
-    min_silence_duration_ms: int = 2000
-    # Accepted for compatibility: FastRTC's v4 ONNX model used 1024-sample windows; the v5+
-    # model from the wheel always uses 512 at 16 kHz.
-    window_size_samples: int = 1024
-    speech_pad_ms: int = 400
-
-
-ModelOptions = SileroVadOptions
-
-
 def speech_seconds(probs: np.ndarray, options: SileroVadOptions) -> float:
     """Seconds of speech Silero's segment logic finds in one chunk's window probabilities."""
-    if len(probs) == 0:
-        return 0.0
-    n = len(probs) * WINDOW
-    segments = get_speech_timestamps_from_probs(
-        [float(p) for p in probs],
-        sampling_rate=VAD_RATE,
-        threshold=options.threshold,
-        min_speech_duration_ms=options.min_speech_duration_ms,
-        max_speech_duration_s=options.max_speech_duration_s,
-        min_silence_duration_ms=options.min_silence_duration_ms,
-        speech_pad_ms=options.speech_pad_ms,
-        audio_length_samples=n,
-    )
-    return sum(s["end"] - s["start"] for s in segments) / VAD_RATE
+    return sum(s["end"] - s["start"] for s in speech_timestamps(probs, options)) / VAD_RATE
+
+
+def _channels(array: np.ndarray, n: int) -> np.ndarray:
+    """(n, samples) from (channels, samples), (samples, channels) or (samples,); a single
+    channel is repeated (a mono front end feeding a stereo handler)."""
+    a = np.asarray(array)
+    if a.ndim == 1:
+        a = a[None, :]
+    elif a.ndim != 2:
+        raise ValueError(f"audio must be 1-D or 2-D (channels, samples); got shape {a.shape}")
+    elif a.shape[0] > a.shape[1]:  # (samples, channels)
+        a = a.T
+    if a.shape[0] == n:
+        return a
+    if a.shape[0] == 1:
+        return np.repeat(a, n, axis=0)
+    raise ValueError(f"expected 1 or {n} channels, got shape {np.asarray(array).shape}")
 
 
 @dataclass
@@ -88,22 +78,40 @@ class _TurnState:
 
 
 class ReplyOnPause(AsyncStreamHandler):
+    """Call `fn((sample_rate, utterance), *inputs)` each time the user pauses.
+
+    `utterance` is `(1, n)` int16 with `expected_layout="mono"`, `(2, n)` with `"stereo"`
+    (the VAD then runs on the mix of both channels). `model`: a FastRTC
+    `PauseDetectionModel` run per connection per chunk instead of the shared batched VAD.
+    `needs_args=True` (or an `fn` with more than one parameter): `fn` gets the connection's
+    additional inputs; before the first `set_input`, the stream's default values, or where
+    there are none, the values the client sends when asked with `send_input` (a turn waits
+    up to `ARGS_TIMEOUT_S` for them).
+    """
+
     def __init__(
         self,
         fn: Callable[..., Any],
         startup_fn: Callable[..., Any] | None = None,
         algo_options: AlgoOptions | None = None,
-        model_options: SileroVadOptions | None = None,
+        model_options: ModelOptions | None = None,
         can_interrupt: bool = True,
-        expected_layout: str = "mono",
+        expected_layout: Literal["mono", "stereo"] = "mono",
         output_sample_rate: int = 24000,
         output_frame_size: int | None = None,
         input_sample_rate: int = 48000,
-        model: Any = None,
+        model: PauseDetectionModel | None = None,
         needs_args: bool = False,
     ) -> None:
+        if expected_layout not in LAYOUTS:
+            raise ValueError(f"expected_layout must be 'mono' or 'stereo', got {expected_layout!r}")
+        if model is not None and not callable(getattr(model, "vad", None)):
+            raise TypeError(
+                "model must be a PauseDetectionModel: an object with "
+                "vad((sample_rate, audio), options) -> (speech_seconds, chunks)"
+            )
         super().__init__(
-            expected_layout,  # type: ignore[arg-type]
+            expected_layout,
             output_sample_rate,
             output_frame_size,
             input_sample_rate=input_sample_rate,
@@ -111,10 +119,11 @@ class ReplyOnPause(AsyncStreamHandler):
         self.fn = fn
         self.startup_fn = startup_fn
         self.algo_options = algo_options or AlgoOptions()
+        self._model_options = model_options  # what a custom model gets, as in FastRTC
         self.model_options = model_options or SileroVadOptions()
         self.can_interrupt = can_interrupt
         self.needs_args = needs_args
-        self.model = model  # a custom PauseDetectionModel is not batched; kept for API parity
+        self.model = model
         self.default_args: list[Any] = []
         self._state = _TurnState()
         self._vad: VADStream | None = None
@@ -128,7 +137,7 @@ class ReplyOnPause(AsyncStreamHandler):
             self.fn,
             self.startup_fn,
             self.algo_options,
-            self.model_options,
+            self._model_options,
             self.can_interrupt,
             self.expected_layout,
             self.output_sample_rate,
@@ -144,20 +153,32 @@ class ReplyOnPause(AsyncStreamHandler):
     def responding(self) -> bool:
         return self._reply is not None and not self._reply.done()
 
+    @property
+    def _needs_additional_inputs(self) -> bool:
+        """FastRTC's rule: `needs_args`, or an `fn` that takes more than the audio."""
+        try:
+            n_params = len(inspect.signature(self.fn).parameters)
+        except (TypeError, ValueError):  # a builtin without a signature
+            n_params = 1
+        return self.needs_args or n_params > 1
+
     # -- input -----------------------------------------------------------------------------
     async def receive(self, frame: tuple[int, np.ndarray]) -> None:
         if self._shut_down or (self.responding and not self.can_interrupt):
             return
         sr, array = frame
-        audio = to_mono(np.asarray(array))
+        if self.expected_layout == "stereo":
+            audio = _channels(array, 2)  # (2, n): kept for `fn`; the VAD gets the mix
+        else:
+            audio = to_mono(np.asarray(array))
         if self._state.sample_rate != sr:
             self._reset_vad(sr)
         st = self._state  # after a reset: the first frame belongs to the new state
         st.buffer.append(audio)
-        st.buffered += audio.shape[0]
+        st.buffered += audio.shape[-1]
         if st.buffered < self.algo_options.audio_chunk_duration * sr:
             return
-        chunk = np.concatenate(st.buffer)
+        chunk = np.concatenate(st.buffer, axis=-1)
         st.buffer, st.buffered = [], 0
         await self._on_chunk(sr, chunk)
 
@@ -167,13 +188,21 @@ class ReplyOnPause(AsyncStreamHandler):
             self._vad = None
         if self._shut_down:  # a frame that raced the session's end: never take a new slot
             raise RuntimeError("ReplyOnPause: the connection has ended")
-        self._vad = get_vad_engine().open_stream(sr)
+        if self.model is None:  # a custom model keeps no per-connection state of ours
+            self._vad = get_vad_engine().open_stream(sr)
         self._state = _TurnState(sample_rate=sr)
 
-    async def _on_chunk(self, sr: int, chunk: np.ndarray) -> None:
+    async def _speech_seconds(self, sr: int, mono: np.ndarray) -> float:
+        if self.model is not None:
+            # FastRTC's path: one blocking call per chunk, on the session's handler threads
+            # (never on the event loop).
+            dur, _ = await self.run_blocking(self.model.vad, (sr, mono), self._model_options)
+            return float(dur)
         assert self._vad is not None
-        probs = await self._vad.process(chunk)
-        dur = speech_seconds(probs, self.model_options)
+        return speech_seconds(await self._vad.process(mono), self.model_options)
+
+    async def _on_chunk(self, sr: int, chunk: np.ndarray) -> None:
+        dur = await self._speech_seconds(sr, to_mono(chunk) if chunk.ndim == 2 else chunk)
         st = self._state
         algo = self.algo_options
         if dur > algo.started_talking_threshold and not st.started_talking:
@@ -182,9 +211,11 @@ class ReplyOnPause(AsyncStreamHandler):
         if not st.started_talking:
             return
         st.utterance.append(chunk)
-        st.utterance_len += chunk.shape[0]
+        st.utterance_len += chunk.shape[-1]
         if dur < algo.speech_threshold or st.utterance_len / sr >= algo.max_continuous_speech_s:
-            utterance = np.concatenate(st.utterance).reshape(1, -1)
+            utterance = np.concatenate(st.utterance, axis=-1).reshape(
+                2 if self.expected_layout == "stereo" else 1, -1
+            )
             st.started_talking = False
             st.utterance, st.utterance_len = [], 0
             await self.send_message(create_message("log", "pause_detected"))
@@ -200,14 +231,42 @@ class ReplyOnPause(AsyncStreamHandler):
             # when its generator already finished (the phone client gets Twilio's `clear`).
             self._drain()
             self.clear_queue()
-        args = self.latest_args[1:] if self.latest_args else list(self.default_args)
         self.replies_started += 1
-        self._reply = asyncio.create_task(self._run(self.fn, (sr, utterance), *args))
+        self._reply = asyncio.create_task(self._turn(self.fn, (sr, utterance)))
 
     async def start_up(self) -> None:
         if self.startup_fn is not None:
-            args = self.latest_args[1:] if self.latest_args else list(self.default_args)
-            self._reply = asyncio.create_task(self._run(self.startup_fn, *args))
+            self._reply = asyncio.create_task(self._turn(self.startup_fn))
+
+    async def _inputs(self) -> list[Any]:
+        """The additional inputs `fn` gets this turn (FastRTC: none unless it needs them)."""
+        if not self._needs_additional_inputs:
+            return []
+        if self.latest_args:  # set_input values arrived
+            return self.latest_args[1:]
+        if self.default_args or self.phone_mode:
+            # The stream's default values are what a client would answer `send_input` with
+            # (the UI pushes every change with set_input); a phone call has no inputs at all.
+            return list(self.default_args)
+        # Nothing to go on: ask the client, as FastRTC does, and wait (bounded) for set_input.
+        self.args_set.clear()
+        await self.fetch_args()
+        try:
+            await asyncio.wait_for(self.args_set.wait(), ARGS_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"the reply function needs additional inputs and none arrived within "
+                f"{ARGS_TIMEOUT_S:g} s of send_input: call stream.set_input(webrtc_id, ...)"
+            ) from None
+        return self.latest_args[1:]
+
+    async def _turn(self, fn: Callable[..., Any], *first: Any) -> None:
+        try:
+            inputs = await self._inputs()
+        except TimeoutError as e:
+            self._handler_error(e)
+            return
+        await self._run(fn, *first, *inputs)
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> None:
         try:
@@ -232,10 +291,13 @@ class ReplyOnPause(AsyncStreamHandler):
             raise
         except Exception as e:  # the handler's fault: tell this client, keep the session
             logger.exception("ReplyOnPause handler raised")
-            if self._report_error is not None:
-                self._report_error(e)
-            else:
-                await self.send_message(create_message("error", f"{type(e).__name__}: {e}"))
+            self._handler_error(e)
+
+    def _handler_error(self, e: BaseException) -> None:
+        if self._report_error is not None:
+            self._report_error(e)
+        else:
+            self.send_message_sync(create_message("error", f"{type(e).__name__}: {e}"))
 
     async def _put(self, item: EmitType, first: bool) -> bool:
         if item is None:

@@ -30,6 +30,19 @@ VAD_RATE = 16000
 WINDOW = 512
 CONTEXT = 64
 
+# On CPU one intra-op thread per VAD batcher: at these op sizes torch's intra-op threading
+# scales poorly (benchmarks/results/bench_vad_cpu.md: per core, 1 thread does far more than
+# 2), and the other cores stay free for the event loop and the codecs.
+CPU_VAD_THREADS = 1
+
+
+def default_vad_threads(device: torch.device | str) -> int | None:
+    """Torch intra-op threads for the VAD worker on `device` (None: leave torch's default).
+
+    `BATCHRTC_VAD_THREADS` overrides it (read in `get_vad_engine`). The benchmark
+    (`benchmarks/bench_vad.py`) reads this same function for its headline row."""
+    return CPU_VAD_THREADS if torch.device(device).type == "cpu" else None
+
 
 @dataclass
 class _Work:
@@ -43,7 +56,13 @@ class _Work:
 
 
 class VADEngine:
-    """Batched resampling + Silero VAD for many streams, state kept on the device."""
+    """Batched resampling + Silero VAD for many streams, state kept on the device.
+
+    `threads`: torch intra-op threads of the batcher's worker thread, where every batch runs
+    (`torch.set_num_threads` is per thread: the rest of the process keeps its setting).
+    None: `default_vad_threads(device)` (1 on CPU; torch's default on CUDA); 0: torch's
+    default everywhere.
+    """
 
     def __init__(
         self,
@@ -53,8 +72,14 @@ class VADEngine:
         max_batch_size: int = 512,
         max_queue_delay_ms: float = 20.0,
         max_queue_size: int = 8192,
+        threads: int | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
+        if threads is None:
+            threads = default_vad_threads(self.device)
+        if threads is not None and threads < 0:
+            raise ValueError(f"threads must be >= 0, got {threads}")
+        self.threads = threads or None
         self.capacity = capacity
         self.model = SileroVAD.from_package(VAD_RATE, device=self.device)
         self.state = StateSlots(
@@ -72,7 +97,12 @@ class VADEngine:
             max_queue_delay_ms=max_queue_delay_ms,
             max_queue_size=max_queue_size,
             group_key=lambda w: (w.rate, w.samples.shape[0]),
+            initializer=self._init_worker_thread,
         )
+
+    def _init_worker_thread(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
 
     # -- streams ---------------------------------------------------------------------------
     def open_stream(self, sample_rate: int) -> VADStream:
@@ -236,9 +266,11 @@ def get_vad_engine() -> VADEngine:
     global _default_engine
     with _default_lock:
         if _default_engine is None:
+            threads = os.environ.get("BATCHRTC_VAD_THREADS", "").strip()
             _default_engine = VADEngine(
                 max_batch_size=int(os.environ.get("BATCHRTC_VAD_MAX_BATCH", "512")),
                 max_queue_delay_ms=float(os.environ.get("BATCHRTC_VAD_MAX_DELAY_MS", "20")),
+                threads=int(threads) if threads else None,
             )
         return _default_engine
 

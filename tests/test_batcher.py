@@ -459,6 +459,38 @@ async def test_fn_runs_on_the_batcher_worker_thread(make_batcher):
     assert where == ["batcher-vad", "batcher-vad"]
 
 
+async def test_initializer_runs_once_on_the_worker_thread_before_the_first_batch(make_batcher):
+    calls: list[tuple[str, str]] = []
+    local = threading.local()
+
+    def init():
+        local.ready = True
+        calls.append(("init", threading.current_thread().name))
+
+    def fn(items):
+        assert getattr(local, "ready", False), "fn ran before the initializer on this thread"
+        calls.append(("fn", threading.current_thread().name))
+        return items
+
+    b = make_batcher(fn, name="init", max_batch_size=1, initializer=init)
+    assert calls == []  # nothing runs before the first submit starts the worker
+    assert await b.submit(1) == 1
+    assert await b.submit(2) == 2
+    assert calls == [("init", "batcher-init"), ("fn", "batcher-init"), ("fn", "batcher-init")]
+
+
+async def test_failing_initializer_fails_waiting_items_and_closes(make_batcher):
+    def init():
+        raise RuntimeError("no threads for you")
+
+    b = make_batcher(lambda items: items, name="badinit", initializer=init)
+    with pytest.raises(RuntimeError, match="no threads for you"):
+        await asyncio.wait_for(b.submit(1), 10)
+    assert b.closed
+    with pytest.raises(BatcherClosed):
+        b.submit(2)
+
+
 async def test_close_fails_pending_and_rejects_new(make_batcher):
     gate = Gate()
 

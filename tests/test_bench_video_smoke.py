@@ -23,6 +23,43 @@ def _weights_available() -> bool:
         return False
 
 
+def test_bench_stats_frame_counters_never_go_back_when_a_session_ends():
+    """The video counters the benchmark differences over its window are lifetime totals: a
+    session that ends inside the window keeps its frames (summing only the connected
+    sessions made the perframe N=64 H200 row print received -28853)."""
+    import threading
+
+    from benchmarks.video_apps import bench_stats
+    from server import Stream
+    from server import metrics as m
+
+    class Video:
+        received, processed, dropped = 100, 90, 10
+
+    class FakeSession:  # what bench_stats and the metrics collector read of a Session
+        def __init__(self, stream, sid):
+            self.stream, self.webrtc_id, self.kind, self.video = stream, sid, "webrtc", Video()
+            self.closed = threading.Event()
+            self._on_close = []
+            stream.registry._active[sid] = self  # as tests/test_metrics.py's fake
+
+        def on_close(self, fn):
+            self._on_close.append(fn)
+
+    stream = Stream(lambda f: f, modality="video", concurrency_limit=4)
+    a, _ = FakeSession(stream, "a"), FakeSession(stream, "b")
+    s0 = bench_stats(stream)
+    assert s0["video"] == {"received": 200, "processed": 180, "dropped": 20}
+    a.video.received += 5
+    a.closed.set()
+    m.session_closed(a)  # Session.close calls this hook
+    del stream.registry._active["a"]
+    s1 = bench_stats(stream)
+    assert s1["video_live"]["received"] == 100  # only b is connected now ...
+    assert s1["video"]["received"] == 205  # ... but a's frames still count
+    assert all(s1["video"][k] - s0["video"][k] >= 0 for k in s0["video"])
+
+
 def test_scene_barcode_round_trip():
     scene = bv.Scene(160, 120, 5)
     for i in (0, 1, 5, 4095, 4096, 12345):

@@ -178,11 +178,13 @@ async def test_hanging_handler_ends_only_its_session(serve):
 
 async def test_out_of_memory_on_a_big_batch_is_split_and_retried(serve):
     """A batched handler that runs out of (GPU) memory above 2 frames: the batcher splits the
-    batch and every session still gets every frame it sends, with no error."""
+    batch and every frame still arrives, with no error. The four sessions send in step at
+    2 fps, slower than a batch takes, so no frame is replaced by a newer one before the handler
+    sees it (the freshest-frame policy): every frame a session sends goes through the handler."""
     sizes: list[int] = []
 
     # A long wait so that frames of several sessions meet in one batch on any machine.
-    @batched(max_batch_size=8, max_queue_delay_ms=250, deadline_ms=2000, device="cpu")
+    @batched(max_batch_size=8, max_queue_delay_ms=200, deadline_ms=2000, device="cpu")
     def picky(frames: torch.Tensor, args):
         sizes.append(frames.shape[0])
         if frames.shape[0] > 2:
@@ -191,14 +193,23 @@ async def test_out_of_memory_on_a_big_batch_is_split_and_retried(serve):
 
     stream = Stream(picky, modality="video", concurrency_limit=8)
     server = serve(stream)
+    start = time.monotonic() + 3.0  # all four send in step: their frames meet in one batch
     clients = [
-        (await connect(server.http, f"oom{i}", video=FrameSource(frame, fps=10), recv_video=True, keep_frames=0))[0]
+        (await connect(server.http, f"oom{i}", video=FrameSource(frame, fps=2, start=start),
+                       recv_video=True, keep_frames=0))[0]
         for i in range(4)
     ]
     try:
-        await settle(lambda: all(len(c.frames) >= 8 for c in clients), 30)
+        await settle(lambda: all(len(c.frames) >= 10 for c in clients), 30)
+        videos = [stream.sessions[f"oom{i}"].video for i in range(4)]
         assert max(sizes) > 2  # big batches were tried ...
-        assert picky.batcher.stats.snapshot()["bisect_calls"] > 0  # ... and split
+        snap = picky.batcher.stats.snapshot()
+        assert snap["bisect_calls"] > 0  # ... and split
+        assert snap["failed"] == 0 and snap["dropped_late"] == 0, snap  # no frame lost to it
+        for v in videos:
+            # Every frame the session received went through the handler and back out (one
+            # may be in flight right now); none was replaced unprocessed.
+            assert v.dropped == 0 and v.received - v.processed <= 1, (v.received, v.processed, v.dropped)
         assert not any(m.get("type") == "error" for c in clients for m in c.messages)
     finally:
         await asyncio.gather(*(c.close() for c in clients))
@@ -244,9 +255,9 @@ async def test_slow_reader_is_bounded_and_hurts_nobody(serve):
         rec = await normal
         assert len(rec.replies()) == 2  # the other session is unaffected
         session = stream.sessions["slow"]
-        channel = session.channel
-        # bounded: the send queue never exceeds its size, and the generator was paused
-        # (600 chunks would be 10 minutes of audio)
-        assert channel.queue.qsize() <= 256
+        # Held back by a bound: the reply's output queue is full (an unbounded one never is)
+        # and the generator waits on it; 600 chunks would be 10 minutes of audio.
+        out = session.handler._out
+        assert out.maxsize > 0 and out.full(), (out.qsize(), out.maxsize)
         assert 20 < produced["n"] < 400, produced  # the reply ran, then was held back
         slow.transport.resume_reading()

@@ -15,7 +15,10 @@ from models.resample import StreamingResampler, design_filter
 PAIRS = [(48000, 16000), (8000, 16000), (24000, 16000), (16000, 48000), (24000, 48000),
          (16000, 8000), (24000, 8000), (48000, 8000)]
 ALL_PAIRS = PAIRS + [(16000, 16000)]
-SNR_MIN_DB = 60.0
+# Bounds a small margin over what this CPU measures, so a regression shows: SNR vs
+# resample_poly >= 135 dB (speech and sines, every pair); float32 chunked/batched/numpy paths
+# agree within 7.2e-7; float64 matches resample_poly within 8.9e-16.
+SNR_MIN_DB = 125.0
 MEASURED_SNR: dict[str, float] = {}
 
 
@@ -108,7 +111,7 @@ def test_resample_matches_resample_poly_float64(orig: int, new: int) -> None:
     ref = ss.resample_poly(x, rs.up, rs.down, axis=1)
     y = rs.resample(torch.from_numpy(x)).numpy()
     assert y.shape == ref.shape
-    np.testing.assert_allclose(y, ref, atol=1e-12)
+    np.testing.assert_allclose(y, ref, atol=3e-15, rtol=0)
 
 
 @pytest.mark.parametrize("orig,new", PAIRS)
@@ -124,7 +127,7 @@ def test_streaming_is_delayed_resample_poly(orig: int, new: int) -> None:
     ref = ss.resample_poly(np.pad(x, ((0, 0), (c * rs.down, 0))), rs.up, rs.down, axis=1)
     y, _ = rs(torch.from_numpy(x), rs.new_history(2))
     start = c * rs.up - d  # ref index of streamed output 0
-    np.testing.assert_allclose(y.numpy(), ref[:, start:start + y.shape[1]], atol=1e-12)
+    np.testing.assert_allclose(y.numpy(), ref[:, start:start + y.shape[1]], atol=3e-15, rtol=0)
     assert np.abs(y[:, :d].numpy()).max() > 0  # the pre-ringing is really there, and matched
 
 
@@ -141,10 +144,10 @@ def test_chunked_equals_one_shot(orig: int, new: int) -> None:
         if chunk % rs.down:
             continue
         got = _stream(rs, x, [chunk] * (n // chunk))
-        torch.testing.assert_close(got, whole, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got, whole, atol=2e-6, rtol=0)  # measured 7.2e-7
     for _ in range(3):
         got = _stream(rs, x, _random_sizes(rng, n, rs.down))
-        torch.testing.assert_close(got, whole, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got, whole, atol=2e-6, rtol=0)
 
 
 @pytest.mark.parametrize("orig,new", PAIRS)
@@ -161,7 +164,7 @@ def test_batched_equals_each_alone(orig: int, new: int) -> None:
     batched = _stream(rs, x, sizes)
     for b in range(5):
         alone = _stream(rs, x[b:b + 1], sizes)
-        torch.testing.assert_close(batched[b:b + 1], alone, atol=1e-5, rtol=0)
+        torch.testing.assert_close(batched[b:b + 1], alone, atol=1.5e-6, rtol=0)  # measured 4.8e-7
 
 
 def test_pure_function_history_not_mutated() -> None:
@@ -215,7 +218,7 @@ def test_passband_1khz_amplitude() -> None:
     y = _stream(rs, torch.from_numpy(x[None].astype(np.float32)), [960] * (n // 960))[0].numpy()
     steady = y[200:-200].astype(np.float64)  # skip the filter's start-up transient
     gain_db = 20 * np.log10(_tone_amplitude(steady, 1000, 16000) / 0.5)
-    assert abs(gain_db) < 0.1, gain_db
+    assert abs(gain_db) < 0.025, gain_db  # measured 0.0085 dB
 
 
 def test_stopband_12khz_rejected() -> None:
@@ -224,10 +227,10 @@ def test_stopband_12khz_rejected() -> None:
     x = 0.5 * np.sin(2 * np.pi * 12000 * np.arange(n) / 48000)
     y = _stream(rs, torch.from_numpy(x[None].astype(np.float32)), [960] * (n // 960))[0].numpy()
     steady = y[200:-200].astype(np.float64)
-    # Whatever leaks through (12 kHz aliases to 4 kHz at 16 kHz) must be > 40 dB down.
+    # Whatever leaks through (12 kHz aliases to 4 kHz at 16 kHz) must be > 60 dB down.
     rms_in = 0.5 / np.sqrt(2)
     atten_db = 20 * np.log10(rms_in / max(np.sqrt(np.mean(steady ** 2)), 1e-30))
-    assert atten_db > 40, atten_db
+    assert atten_db > 60, atten_db  # measured 67.8 dB
 
 
 # ---------------------------------------------------------------- quality vs resample_poly
@@ -305,5 +308,5 @@ def test_numpy_path_matches_torch_streaming(rates):
         yt, h_t = rs(torch.from_numpy(x)[None], h_t)
         yn, h_n = rs.process_numpy(x, h_n)
         assert yn.shape == (rs.out_len(n),)
-        np.testing.assert_allclose(yn, yt[0].numpy(), atol=2e-6)
+        np.testing.assert_allclose(yn, yt[0].numpy(), atol=1.5e-6, rtol=0)  # measured 4.8e-7
         np.testing.assert_allclose(h_n, h_t[0].numpy(), atol=0)

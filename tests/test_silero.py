@@ -13,7 +13,10 @@ silero_vad = pytest.importorskip("silero_vad")
 from models.silero import SileroVAD  # noqa: E402
 from tests.audio_fixtures import SPEECH_FIXTURES, load_wav, speech_spans  # noqa: E402
 
-TOL = 1e-4
+# Bounds a small margin over what this CPU measures (2-core Xeon, torch 2.13, 1 or 2 threads),
+# so a regression shows: one stream vs TorchScript max 1.1e-5; 32 streams batched 5.3e-5.
+TOL = 3e-5
+TOL_BATCHED = 1e-4
 RATES = (16000, 8000)
 
 
@@ -193,7 +196,7 @@ def test_batched_streaming_matches_per_stream_reference(sample_rate: int) -> Non
         assert len(got[b]) == len(refs[b])
         diffs.append(float(np.abs(np.asarray(got[b]) - refs[b]).max()))
     print(f"batched @ {sample_rate}: {B} streams, {rounds} rounds, max|diff| = {max(diffs):.3g}")
-    assert max(diffs) <= TOL, diffs
+    assert max(diffs) <= TOL_BATCHED, diffs
 
 
 def _segments_match(a: list[dict], b: list[dict], tol: int) -> bool:
@@ -259,10 +262,11 @@ def test_zero_length_rows_keep_state(sample_rate: int) -> None:
             for t in range(L):
                 p, hb, cb = v(torch.cat([xb, windows[b:b + 1, t]], 1), hb, cb)
                 xb = windows[b:b + 1, t, -C:]
-                assert abs(p.item() - probs[b, t].item()) <= 1e-5
+                # measured <= 1.2e-7 (prob) and 1.3e-6 (h, c)
+                assert abs(p.item() - probs[b, t].item()) <= 3e-7
             assert torch.all(probs[b, L:] == 0)
-            assert torch.allclose(h2[b], hb[0], atol=1e-5)
-            assert torch.allclose(c2[b], cb[0], atol=1e-5)
+            assert torch.allclose(h2[b], hb[0], atol=3e-6, rtol=0)
+            assert torch.allclose(c2[b], cb[0], atol=3e-6, rtol=0)
             assert torch.equal(ctx2[b], xb[0])
         # All-zero lengths: nothing changes at all.
         probs0, h3, c3, ctx3 = v.forward_windows(windows, ctx, h, c, torch.zeros(B, dtype=torch.long))

@@ -18,17 +18,22 @@ from aiortc.mediastreams import MediaStreamError
 
 
 class FrameSource(MediaStreamTrack):
-    """Video frames from `make(i) -> (H, W, 3) uint8 RGB` at `fps`; records send times."""
+    """Video frames from `make(i) -> (H, W, 3) uint8 RGB` at `fps`; records send times. Frame
+    i is due at `start + i / fps` (`start`: a `time.monotonic()` value shared by several
+    sources to send in step; default: the first `recv`)."""
 
     kind = "video"
 
-    def __init__(self, make: Callable[[int], np.ndarray], fps: int = 30, limit: int | None = None) -> None:
+    def __init__(
+        self, make: Callable[[int], np.ndarray], fps: int = 30, limit: int | None = None,
+        start: float | None = None,
+    ) -> None:
         super().__init__()
         self.make = make
         self.fps = fps
         self.limit = limit
         self.sent: dict[int, float] = {}  # pts -> send time
-        self._start: float | None = None
+        self._start = start
         self._i = 0
 
     async def recv(self) -> av.VideoFrame:
@@ -56,7 +61,7 @@ class AudioSource(MediaStreamTrack):
     def __init__(self, pcm: np.ndarray) -> None:
         super().__init__()
         self.pcm = pcm
-        self._start: float | None = None
+        self._start = start
         self._i = 0
 
     async def recv(self) -> av.AudioFrame:

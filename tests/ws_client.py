@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import websockets
@@ -46,9 +49,12 @@ async def stream_audio(
     tail_s: float = 2.0,
     realtime: bool = True,
     start_message: dict | None = None,
+    on_message: Callable[[dict], Any] | None = None,
 ) -> Received:
     """Send `pcm` (int16 at `rate`) in `frame_ms` frames at real-time pace, keep listening
-    `tail_s` after the last frame, send `stop`, and return what arrived."""
+    `tail_s` after the last frame, send `stop`, and return what arrived. `on_message` is
+    called with each data-channel message as it arrives (awaited if it is a coroutine
+    function), e.g. to answer `send_input`."""
     rec = Received()
     async with websockets.connect(url, max_size=None) as ws:
         await ws.send(json.dumps(start_message or {"event": "start", "websocket_id": ws_id}))
@@ -63,6 +69,10 @@ async def stream_audio(
                         rec.media.append((now, ulaw_decode(base64.b64decode(msg["media"]["payload"]))))
                     else:
                         rec.messages.append(msg)
+                        if on_message is not None:
+                            res = on_message(msg)
+                            if inspect.isawaitable(res):
+                                await res
             except websockets.ConnectionClosed as e:
                 rec.close_code = e.rcvd.code if e.rcvd else None
 
