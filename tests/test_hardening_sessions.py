@@ -5,8 +5,11 @@ loop, hung handlers that used up the thread pool, VAD slots left behind."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
+import os
+import socket
 import sys
 import threading
 import time
@@ -318,14 +321,40 @@ class BigOutputs(AsyncStreamHandler):
         return AdditionalOutputs("x" * 20_000)
 
 
+def _raw_ws_client(port: int, path: str) -> socket.socket:
+    """A WebSocket client that never reads: the handshake by hand, then nothing is read."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert b" 101 " in head, head
+    return sock
+
+
+def _send_text(sock: socket.socket, text: str) -> None:
+    data, mask = text.encode(), os.urandom(4)
+    n = len(data)
+    header = bytes([0x81]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big"))
+    sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+
+
 async def test_repeated_warnings_of_a_session_are_rate_limited(serve, caplog):
     """A client that never reads used to produce one identical warning per dropped message
     (18,966 lines in the adversarial run). Log lines of one session are now rate-limited."""
     stream = Stream(BigOutputs(), modality="audio", concurrency_limit=2)
     server = serve(stream)
     caplog.set_level(logging.WARNING)
-    async with websockets.connect(f"{server.ws}/websocket/offer", max_queue=1) as ws:
-        await ws.send(json.dumps({"event": "start", "websocket_id": "noisy"}))
+    sock = _raw_ws_client(server.port, "/websocket/offer")
+    try:
+        _send_text(sock, json.dumps({"event": "start", "websocket_id": "noisy"}))
         await asyncio.sleep(4.0)  # never reads: TCP buffers, then the send queue, fill up
+    finally:
+        sock.close()
     lines = [r for r in caplog.records if "send queue full" in r.getMessage()]
     assert 1 <= len(lines) <= 2, len(lines)

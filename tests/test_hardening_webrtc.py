@@ -214,7 +214,7 @@ async def test_a_poison_session_is_found_closed_and_bystanders_keep_full_rate(se
         await asyncio.gather(bad.close(), good.close())
 
 
-@batched(max_batch_size=8, max_queue_delay_ms=20, device="cpu")
+@batched(max_batch_size=8, max_queue_delay_ms=60, device="cpu")
 def miscounts(frames: torch.Tensor, args: list[tuple]) -> list:
     return [frames[0]]  # one output, whatever the batch size
 
@@ -225,9 +225,11 @@ async def test_a_batched_handler_returning_the_wrong_number_of_outputs_is_an_err
     sent to the clients and counted; no frame of such a batch is passed on."""
     stream = Stream(miscounts, modality="video", concurrency_limit=4)
     server = serve(stream)
-    # 3 sessions: batches hold several frames
+    # 3 sessions sending in step: batches hold several frames
+    start = time.monotonic() + 1.0
     clients = [
-        (await connect(server.http, f"m{i}", video=FrameSource(grey, fps=10), recv_video=True))[0] for i in range(3)
+        (await connect(server.http, f"m{i}", video=FrameSource(grey, fps=10, start=start), recv_video=True))[0]
+        for i in range(3)
     ]
     try:
         await wait_for(lambda: all(errors(c) for c in clients), 30)

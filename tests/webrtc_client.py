@@ -61,7 +61,7 @@ class AudioSource(MediaStreamTrack):
     def __init__(self, pcm: np.ndarray) -> None:
         super().__init__()
         self.pcm = pcm
-        self._start = start
+        self._start: float | None = None
         self._i = 0
 
     async def recv(self) -> av.AudioFrame:
