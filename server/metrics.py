@@ -377,6 +377,28 @@ class StreamCollector(Collector):
             _name("concurrency_limit"), "Most sessions this stream accepts at once.",
             value=float(stream.concurrency_limit),
         )
+        registry = getattr(stream, "registry", None)
+        if registry is not None:
+            yield GaugeMetricFamily(
+                _name("sessions_closing"), "Sessions that have ended and are still releasing resources.",
+                value=float(registry.closing),
+            )
+        pool = getattr(stream, "pool", None)
+        if pool is not None:
+            g = GaugeMetricFamily(
+                _name("handler_threads"),
+                "Threads running sync handler calls: busy (someone waits for the call) or lost "
+                "(stuck in a call that timed out or whose session ended; replaced, not reused).",
+                labels=["state"],
+            )
+            g.add_metric(["busy"], pool.busy)
+            g.add_metric(["lost"], pool.lost)
+            yield g
+            yield GaugeMetricFamily(
+                _name("handler_threads_lost_limit"),
+                "Lost handler threads at which new sessions are refused (server_overloaded).",
+                value=float(pool.max_lost),
+            )
         g = GaugeMetricFamily(
             _name("video_session_frames"),
             "WebRTC video frames of the sessions connected now (received, processed, dropped).",
@@ -442,6 +464,14 @@ class StreamCollector(Collector):
         submitted = counter("batcher_items_submitted", "Items accepted into the queue.")
         completed = counter("batcher_items_completed", "Items that got a result.")
         failed = counter("batcher_items_failed", "Items whose batch function raised for them.")
+        isolated = counter(
+            "batcher_items_isolated",
+            "Items of a batch that failed as a whole (a worker died or hung), put back to run alone.",
+        )
+        faulty = gauge(
+            "batcher_faulty_sources",
+            "Sources (sessions) refused because their items failed the batch function alone too.",
+        )
         dropped = counter(
             "batcher_items_dropped",
             "Items dropped without running: late (deadline passed), cancelled, or closed.",
@@ -472,6 +502,8 @@ class StreamCollector(Collector):
             submitted.add_metric([name], snap["submitted"])
             completed.add_metric([name], snap["completed"])
             failed.add_metric([name], snap["failed"])
+            isolated.add_metric([name], snap.get("isolated", 0))
+            faulty.add_metric([name], getattr(b, "faulty", 0))
             for reason in ("late", "cancelled", "closed"):
                 dropped.add_metric([name, reason], snap[f"dropped_{reason}"])
             rejected.add_metric([name], snap["rejected_full"])
@@ -486,7 +518,7 @@ class StreamCollector(Collector):
                         family.add_metric([name, q], v / 1e3)
         if found:  # no batcher yet: no empty families either
             yield from (up, depth, producers, max_batch, max_queue, batches, bisect, submitted,
-                        completed, failed, dropped, rejected, flushes, sizes, wait, run)
+                        completed, failed, isolated, faulty, dropped, rejected, flushes, sizes, wait, run)
 
     # a batched handler's child process (process=True)
     def _workers(self) -> Iterator[Metric]:
@@ -609,12 +641,17 @@ def add_routes(router: Any, stream: Any) -> None:
             batchers[name] = {"ok": not dead, "queue_depth": b.queue_depth}
             if dead:
                 failed.append(name)
+        pool = getattr(stream, "pool", None)
+        if pool is not None and pool.exhausted:
+            failed.append("handler_threads")  # new sessions are refused until threads return
         body: dict[str, Any] = {
             "status": "error" if failed else "ok",
             "sessions": len(stream.sessions),
             "device": _device(stream),
             "batchers": batchers,
         }
+        if pool is not None:
+            body["handler_threads"] = {"busy": pool.busy, "lost": pool.lost, "lost_limit": pool.max_lost}
         runner = _runner(stream)
         if runner is not None:  # informational: a dead child is restarted by the next batch
             body["worker"] = {"pid": runner.pid, "restarts": runner.restarts}

@@ -202,6 +202,13 @@ async def test_hung_sync_handlers_cost_capacity_not_progress(serve, monkeypatch)
             msg = await recv_json(ws)
         assert msg["status"] == "failed" and msg["meta"]["error"] == "server_overloaded"
         assert "stuck" in msg["meta"]["detail"]
+        # operators see it: /health is 503 naming the threads, /metrics counts them
+        async with httpx.AsyncClient(timeout=10) as http:
+            health = await http.get(f"{server.http}/health")
+            metrics = (await http.get(f"{server.http}/metrics")).text
+        assert health.status_code == 503 and "handler_threads" in health.json()["failed"]
+        assert health.json()["handler_threads"]["lost"] == 6
+        assert 'batchrtc_handler_threads{state="lost"} 6.0' in metrics
     finally:
         HangsOnReceive.release.set()
     # released threads are counted back; new sessions are accepted again

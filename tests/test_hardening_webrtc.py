@@ -210,6 +210,10 @@ async def test_a_poison_session_is_found_closed_and_bystanders_keep_full_rate(se
         assert "good" in stream.sessions
         # the same id may connect again later: a new session, not held against it
         assert poisonable.batcher.faulty == 0
+        async with httpx.AsyncClient(timeout=10) as http:
+            metrics = (await http.get(f"{server.http}/metrics")).text
+        line = next(ln for ln in metrics.splitlines() if ln.startswith("batchrtc_batcher_items_isolated_total"))
+        assert float(line.split()[-1]) >= 1, line
     finally:
         await asyncio.gather(bad.close(), good.close())
 
