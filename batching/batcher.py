@@ -391,10 +391,12 @@ class DynamicBatcher(Generic[T, R]):
     def _decide(self, group: list[_Item], now: float, check_producers: bool) -> FlushDecision:
         deadlines = [it.deadline for it in group if it.deadline is not None]
         n = len(group)
+        # An item of a suspect source runs alone: its batch is full as it is.
+        alone = n == 1 and bool(self._suspects) and group[0].source in self._suspects
         return decide_flush(
             now=now,
             batch_size=n,
-            max_batch_size=self.max_batch_size,
+            max_batch_size=1 if alone else self.max_batch_size,
             oldest_enqueued_at=group[0].enqueued_at,
             earliest_deadline=min(deadlines) if deadlines else None,
             predicted_run_s=self.predictor.predict(n),

@@ -7,8 +7,8 @@ them forever. Here a caller that gives up on a call (its timeout passed, or its 
 ended) *abandons* it: the thread is counted as lost and no longer counts against
 `max_workers`, so a replacement thread serves the next call. Lost threads are bounded too
 (`max_lost`): past that, `exhausted` is true and the server refuses new sessions with a
-clear error instead of queueing their work behind calls that never end. A lost thread whose
-call does return later is simply counted back.
+clear error instead of queueing their work behind calls that never end (`exhausted`). A lost
+thread whose call does return later is simply counted back.
 """
 
 from __future__ import annotations
@@ -21,10 +21,6 @@ from concurrent.futures import Future
 from typing import Any
 
 logger = logging.getLogger(__name__)
-
-
-class PoolExhausted(RuntimeError):
-    """Too many handler threads are stuck in calls that were given up on."""
 
 
 class _Work:
@@ -80,11 +76,8 @@ class HandlerPool:
 
     # -- calls ---------------------------------------------------------------------------------
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        if self.exhausted:
-            raise PoolExhausted(
-                f"{self._lost} handler threads are stuck in calls that timed out or whose "
-                "session ended; no capacity is left for new handler calls"
-            )
+        """Run `fn(*args)` on a worker. Never refused: `exhausted` gates new sessions (the
+        registry refuses them), not the calls of sessions already running."""
         fut: Future = Future()
         work = _Work(fn, args, fut)
         with self._lock:

@@ -18,7 +18,7 @@ from batching import (
     QueueFullError,
     RuntimePredictor,
 )
-from batching.errors import ResultCountError, WholeBatchError
+from batching.errors import FaultySource, ResultCountError, WholeBatchError
 from batching.policy import DEADLINE, FULL, MAX_DELAY, PRODUCERS, decide_flush
 
 pytestmark = pytest.mark.timeout(60)
@@ -393,6 +393,69 @@ async def test_whole_batch_error_is_not_bisected(make_batcher):
     assert b.stats.snapshot()["failed"] == 8
     # the worker goes on with the next batch
     assert await b.submit(5) == 10
+
+
+class _Died(WholeBatchError, RuntimeError):
+    isolate = True  # like WorkerCrashed / WorkerTimeout: which item caused it is unknown
+
+
+async def test_a_whole_batch_failure_is_retried_alone_and_the_faulty_source_refused(make_batcher):
+    calls: list[list[str]] = []
+
+    def fn(items):
+        calls.append(list(items))
+        if "poison" in items:
+            raise _Died("the worker process died")
+        return [x.upper() for x in items]
+
+    b = make_batcher(fn, max_batch_size=8, max_queue_delay_ms=300)
+    b.add_producer()
+    b.add_producer()
+    b.add_producer()
+    t0 = time.monotonic()
+    results = await asyncio.gather(
+        b.submit("a", source="A"), b.submit("poison", source="P"), b.submit("c", source="C"),
+        return_exceptions=True,
+    )
+    assert time.monotonic() - t0 < 5  # items run alone at once, never waiting for company
+    assert results[0] == "A" and results[2] == "C", results  # bystanders: retried alone, fine
+    assert isinstance(results[1], FaultySource) and results[1].source == "P", results
+    assert isinstance(results[1].__cause__, _Died)
+    assert calls[0] == ["a", "poison", "c"] and sorted(map(tuple, calls[1:])) == [("a",), ("c",), ("poison",)]
+    snap = b.stats.snapshot()
+    assert snap["isolated"] == 3 and snap["failed"] == 1 and snap["completed"] == 2
+    assert b.faulty == 1 and b.suspects == 0  # A and C cleared by running fine alone
+    with pytest.raises(FaultySource):
+        b.submit("again", source="P")
+    assert await b.submit("b", source="A") == "B"
+    b.forget_source("P")  # the session ended: a new one may use the name
+    assert b.faulty == 0
+    assert await b.submit("fine", source="P") == "FINE"
+
+
+async def test_a_one_off_whole_batch_failure_costs_nobody_an_error(make_batcher):
+    failed_once = []
+
+    def fn(items):
+        if not failed_once:
+            failed_once.append(True)
+            raise _Died("killed once")
+        return [x * 2 for x in items]
+
+    b = make_batcher(fn, max_batch_size=4, max_queue_delay_ms=10_000)
+    for _ in range(4):
+        b.add_producer()
+    results = await asyncio.gather(*(b.submit(i, source=i) for i in range(4)))
+    assert results == [0, 2, 4, 6] and b.faulty == 0 and b.suspects == 0
+
+
+async def test_items_without_a_source_still_fail_as_a_whole(make_batcher):
+    def fn(items):
+        raise _Died("died")
+
+    b = make_batcher(fn, max_batch_size=2, max_queue_delay_ms=10_000)
+    results = await asyncio.gather(b.submit(1), b.submit(2), return_exceptions=True)  # full: runs
+    assert all(isinstance(r, _Died) for r in results)
 
 
 async def test_wrong_result_count_is_an_error(make_batcher):
