@@ -25,6 +25,8 @@ import httpx  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.bench_reply import code_version  # noqa: E402
+from benchmarks.bench_vad import machine_info  # noqa: E402
 from server import ReplyOnPause, Stream  # noqa: E402
 from server.vad_engine import get_vad_engine  # noqa: E402
 from server.video import batched  # noqa: E402
@@ -65,6 +67,8 @@ async def run(cycles: int, report_every: int) -> list[dict]:
                 rows.append({"cycles": done, "rss_mib": proc.memory_info().rss / 2**20,
                              "threads": threading.active_count(), "vad_slots": get_vad_engine().state.in_use,
                              "sessions": audio.active_sessions + video.active_sessions, "loop_tasks": t,
+                             "closing": audio.registry.closing + video.registry.closing,
+                             "lost_threads": audio.pool.lost + video.pool.lost,
                              "time": time.monotonic()})
                 print(rows[-1], flush=True)
     finally:
@@ -79,15 +83,22 @@ def main() -> None:
     ap.add_argument("--report-every", type=int, default=200)
     ap.add_argument("--out", default="benchmarks/results/soak_churn.md")
     a = ap.parse_args()
+    t0 = time.monotonic()
     rows = asyncio.run(run(a.cycles, a.report_every))
     base, last = rows[0], rows[-1]
+    info = machine_info()
     lines = [f"# Churn soak: {last['cycles']} connect/disconnect cycles (`python -m benchmarks.soak_churn --cycles {a.cycles}`)", "",
-             "| cycles | RSS MiB | threads | VAD slots in use | live sessions | loop tasks |", "|---:|---:|---:|---:|---:|---:|"]
+             f"Machine: {info['cpu_model']}, {info['usable_cpus']} usable CPUs; torch {info['torch']}; code "
+             f"{code_version()}; {time.monotonic() - t0:.0f} s.", "",
+             "| cycles | RSS MiB | threads | VAD slots in use | live sessions | closing | lost handler threads | loop tasks |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['cycles']} | {r['rss_mib']:.0f} | {r['threads']} | {r['vad_slots']} | {r['sessions']} | {r['loop_tasks']} |")
+        lines.append(f"| {r['cycles']} | {r['rss_mib']:.0f} | {r['threads']} | {r['vad_slots']} | {r['sessions']} | "
+                     f"{r['closing']} | {r['lost_threads']} | {r['loop_tasks']} |")
     lines += ["", f"From the first report to the last: RSS {last['rss_mib'] - base['rss_mib']:+.0f} MiB, threads "
               f"{last['threads'] - base['threads']:+d}, VAD slots {last['vad_slots'] - base['vad_slots']:+d}, loop tasks "
-              f"{last['loop_tasks'] - base['loop_tasks']:+d}, live sessions {last['sessions']}."]
+              f"{last['loop_tasks'] - base['loop_tasks']:+d}, live sessions {last['sessions']}, still closing "
+              f"{last['closing']}, lost handler threads {last['lost_threads']}."]
     text = "\n".join(lines)
     print(text)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -73,6 +73,8 @@ class StreamHandlerBase(ABC):
         input_sample_rate: int = 48000,
         fps: int = 30,
     ) -> None:
+        if expected_layout not in ("mono", "stereo"):
+            raise ValueError(f"expected_layout must be 'mono' or 'stereo', got {expected_layout!r}")
         if output_sample_rate % 50 != 0:
             raise ValueError(
                 f"output_sample_rate must be a multiple of 50, got {output_sample_rate}"

@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 OUTPUTS_QUEUE_SIZE = 64  # per output_stream reader; the oldest output is dropped beyond it
 MAX_OUTPUT_READERS = 8
+MAX_ERROR_CHARS = 2000
 TEARDOWN_STEP_S = 5.0  # each teardown step (handler shutdown, a close callback) at most
 MAX_STUCK_CALLS = 4  # a session with more handler threads stuck than this is closed
 # Outputs that carry no audio (AdditionalOutputs) cost the loop without any pacing: at most
@@ -205,6 +206,8 @@ class Session:
             self.send(create_message("warning", e.message))
             return
         text = str(e) if isinstance(e, WebRTCError) else f"{type(e).__name__}: {e}"
+        if len(text) > MAX_ERROR_CHARS:  # a data channel carries 64 KiB a message at most
+            text = text[:MAX_ERROR_CHARS] + f"... ({len(text)} characters)"
         now = time.monotonic()
         if self._last_error[0] == text and now - self._last_error[1] < 1.0:
             return  # a handler failing on every frame: one message a second is enough

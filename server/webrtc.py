@@ -150,6 +150,11 @@ class WebRTCChannel(DataChannel):
         if ch.readyState == "open":
             try:
                 ch.send(message)
+            except ValueError:  # larger than the peer's maximum message size (64 KiB unless it says)
+                try:
+                    ch.send(create_message("error", f"a {len(message)}-byte message is larger than this data channel carries; dropped"))
+                except Exception:
+                    pass
             except Exception:  # closing under us
                 pass
 

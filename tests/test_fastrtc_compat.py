@@ -411,3 +411,32 @@ def test_echo_app_page_links_to_the_ui():
         html = client.get("/").text
     assert 'href="/ui"' in html and "pause" in html
     assert "pause" in stream.ui_args["subtitle"]
+
+
+class StereoIn(StreamHandler):
+    shapes: list = []
+
+    def __init__(self) -> None:
+        super().__init__(expected_layout="stereo", input_sample_rate=48000)
+
+    def receive(self, frame) -> None:
+        StereoIn.shapes.append((frame[0], frame[1].shape, frame[1].dtype))
+
+    def emit(self):
+        return None
+
+    def copy(self) -> StereoIn:
+        return StereoIn()
+
+
+async def test_a_stereo_handler_gets_two_planar_channels_over_webrtc(serve):
+    StereoIn.shapes.clear()
+    stream = Stream(StereoIn(), modality="audio", concurrency_limit=2)
+    server = serve(stream)
+    client, _ = await connect(server.http, "st", audio=AudioSource(np.full(48000, 1000, np.int16)))
+    try:
+        await wait_for(lambda: len(StereoIn.shapes) >= 5)
+    finally:
+        await client.close()
+    rate, shape, dtype = StereoIn.shapes[-1]
+    assert rate == 48000 and shape[0] == 2 and shape[1] > 0 and dtype == np.int16, StereoIn.shapes[-1]

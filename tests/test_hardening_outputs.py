@@ -40,9 +40,16 @@ async def test_a_raising_reply_function_sends_an_error_over_websocket_and_the_se
     assert len(rec.replies()) == 1  # the second turn is answered
 
 
+def raises_long(audio):
+    """Raises with a 300 KB message (e.g. an exception carrying a whole prompt or array)."""
+    raise RuntimeError("model exploded: " + "x" * 300_000)
+    yield audio
+
+
 async def test_a_raising_reply_function_sends_an_error_over_webrtc(serve):
-    raises_first.calls = 0
-    stream = Stream(ReplyOnPause(raises_first), modality="audio", concurrency_limit=2)
+    """Over WebRTC an error longer than the data channel's message limit (256 KiB) used to be
+    dropped silently: the client heard nothing and saw nothing."""
+    stream = Stream(ReplyOnPause(raises_long), modality="audio", concurrency_limit=2)
     server = serve(stream)
     pcm = speech_48k("speech_pause_speech_16k.wav")
     client, _ = await connect(server.http, "rtc1", audio=AudioSource(pcm), recv_audio=True)
@@ -222,3 +229,39 @@ async def test_telephone_bad_start_messages_get_a_clear_error_and_no_traceback(s
         with pytest.raises(websockets.ConnectionClosed):
             await recv_json(ws)
     assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+
+
+class OneBigOutput(AsyncStreamHandler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = False
+
+    def copy(self) -> OneBigOutput:
+        return OneBigOutput()
+
+    async def receive(self, frame) -> None:
+        pass
+
+    async def emit(self):
+        if self.sent:
+            await asyncio.sleep(3600)
+        await asyncio.sleep(1.0)  # after the data channel is open
+        self.sent = True
+        return AdditionalOutputs("y" * 300_000)  # over aiortc's 256 KiB (browsers: similar)
+
+
+async def test_a_message_too_large_for_the_data_channel_is_replaced_by_an_error(serve):
+    """aiortc refuses a message over the peer's maximum size (256 KiB for an aiortc peer); it used to
+    vanish. The client now gets an `error` saying so (`output_stream` readers get it whole)."""
+    stream = Stream(OneBigOutput(), modality="audio", concurrency_limit=2,
+                    additional_outputs=[object()], additional_outputs_handler=lambda a, b: b)
+    server = serve(stream)
+    client, _ = await connect(server.http, "big", audio=AudioSource(np.zeros(48000 * 4, np.int16)))
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not any(m.get("type") == "error" for m in client.messages):
+            await asyncio.sleep(0.1)
+        errs = [m["message"] for m in client.messages if m.get("type") == "error"]
+        assert errs and "larger than this data channel carries" in errs[0], client.messages
+    finally:
+        await client.close()
