@@ -212,7 +212,8 @@ async def test_a_poison_session_is_found_closed_and_bystanders_keep_full_rate(se
         assert poisonable.batcher.faulty == 0
         async with httpx.AsyncClient(timeout=10) as http:
             metrics = (await http.get(f"{server.http}/metrics")).text
-        line = next(ln for ln in metrics.splitlines() if ln.startswith("batchrtc_batcher_items_isolated_total"))
+        line = next(ln for ln in metrics.splitlines()
+                    if ln.startswith('batchrtc_batcher_items_isolated_total{batcher="video:poisonable"}'))
         assert float(line.split()[-1]) >= 1, line
     finally:
         await asyncio.gather(bad.close(), good.close())
