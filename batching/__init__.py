@@ -4,6 +4,7 @@ Knows no model and no front end (imports torch, numpy and the standard library o
 """
 
 from .batcher import DynamicBatcher
+from .config import BatchingConfig
 from .errors import (
     BatcherClosed,
     BatchingError,
@@ -20,6 +21,7 @@ from .slots import StateSlots
 from .stats import BatcherStats
 
 __all__ = [
+    "BatchingConfig",
     "DynamicBatcher",
     "RuntimePredictor",
     "BatcherStats",

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Generic, TypeVar
 
+from .config import BatchingConfig
 from .errors import (
     BatcherClosed,
     DeadlineExceeded,
@@ -103,6 +104,7 @@ class DynamicBatcher(Generic[T, R]):
         group_key: items with different keys never share a batch (e.g. different shapes).
         predictor: run-time model used for deadline-driven flushes (learned online).
         safety_margin_ms: slack added to the predicted run time when flushing for a deadline.
+        config: the three sizes above as one `BatchingConfig` (it wins over the arguments).
         initializer: called once on the worker thread before its first batch (as
             ``ThreadPoolExecutor(initializer=...)``): per-thread settings such as
             ``torch.set_num_threads``. If it raises, the batcher closes and every waiting
@@ -120,14 +122,17 @@ class DynamicBatcher(Generic[T, R]):
         group_key: Callable[[T], Hashable] | None = None,
         predictor: RuntimePredictor | None = None,
         safety_margin_ms: float = 2.0,
+        config: BatchingConfig | None = None,
         initializer: Callable[[], None] | None = None,
     ) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if max_queue_size < 1:
-            raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
-        if max_queue_delay_ms < 0 or safety_margin_ms < 0:
-            raise ValueError("max_queue_delay_ms and safety_margin_ms must be >= 0")
+        if safety_margin_ms < 0:
+            raise ValueError("safety_margin_ms must be >= 0")
+        if config is None:
+            config = BatchingConfig(max_batch_size, max_queue_delay_ms, max_queue_size)
+        self.config = config  # validated when built
+        max_batch_size, max_queue_delay_ms, max_queue_size = (
+            config.max_batch_size, config.max_queue_delay_ms, config.max_queue_size
+        )
         self.fn = fn
         self.name = name
         self.max_batch_size = int(max_batch_size)

@@ -33,13 +33,13 @@ import shlex
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.bench_reply import _f, code_version, machine_info
+from benchmarks.bench_reply import _f
+from benchmarks.harness import child_main, code_version, machine_info
 from benchmarks.server_process import UvicornProcess
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +60,7 @@ def build_payloads(frame_ms: int, tail_s: float = 2.0) -> tuple[list[str], float
     from scipy.signal import resample_poly
 
     from server.codecs import ulaw_encode
-    from tests.audio_fixtures import load_wav
+    from benchmarks.fixtures import load_wav
 
     sr, x = load_wav(FIXTURE)
     assert sr == 16000, sr
@@ -150,26 +150,22 @@ async def one_call(url: str, sid: str, payloads: list[str], frame_s: float, offs
 
 def _worker_main(conn: Any, url: str, n: int, payloads: list[str], frame_s: float,
                  stagger_s: float, listen_s: float, budget_s: float) -> None:
-    try:
-        async def go() -> list[dict]:
-            t_base = time.monotonic() + 0.2
-            conn.send(("t_base", t_base))
-            offsets = [stagger_s * i / max(1, n - 1) for i in range(n)]
-            return await asyncio.wait_for(
-                asyncio.gather(*[
-                    one_call(url, f"MZ{i:04d}", payloads, frame_s, offsets[i], t_base, listen_s, budget_s)
-                    for i in range(n)
-                ]),
-                budget_s + stagger_s + 30,
-            )
+    """Entry of a load-generator process: `n` calls, their results back to the parent."""
 
-        conn.send(("done", asyncio.run(go())))
-    except BaseException:
-        with contextlib.suppress(Exception):
-            conn.send(("error", traceback.format_exc()))
-    finally:
-        with contextlib.suppress(Exception):
-            conn.close()
+    async def go(conn: Any) -> None:
+        t_base = time.monotonic() + 0.2
+        conn.send(("t_base", t_base))
+        offsets = [stagger_s * i / max(1, n - 1) for i in range(n)]
+        results = await asyncio.wait_for(
+            asyncio.gather(*[
+                one_call(url, f"MZ{i:04d}", payloads, frame_s, offsets[i], t_base, listen_s, budget_s)
+                for i in range(n)
+            ]),
+            budget_s + stagger_s + 30,
+        )
+        conn.send(("done", results))
+
+    child_main(conn, go)
 
 
 # ================================================================================= server
@@ -369,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     calls = [int(x) for x in a.calls.split(",") if x.strip()]
     command = "python -m benchmarks.bench_phone " + " ".join(
         shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
-    from tests.audio_fixtures import speech_spans
+    from benchmarks.fixtures import speech_spans
 
     spans = speech_spans(FIXTURE)
     payloads, audio_s = build_payloads(a.frame_ms)

@@ -71,17 +71,14 @@ import asyncio
 import base64
 import contextlib
 import datetime as _dt
+import functools
 import json
 import math
 import multiprocessing as mp
-import os
-import platform
 import shlex
-import subprocess
 import sys
 import threading
 import time
-import traceback
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -89,13 +86,12 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.harness import RESULTS_DIR, child_main, code_version, machine_info
 from benchmarks.server_process import UvicornProcess
 
 # Heavy imports (torch, the server package, scipy, websockets) are done lazily: client worker
 # processes import this module and must stay light; the server factory imports what it needs.
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 FIXTURES = (
     "speech_pause_speech_16k.wav",
     "two_voices_noise_16k.wav",
@@ -155,7 +151,7 @@ class Workload:
 def _fixture_pcm48(name: str, tail_s: float, max_audio_s: float | None) -> np.ndarray:
     from scipy.signal import resample_poly
 
-    from tests.audio_fixtures import load_wav
+    from benchmarks.fixtures import load_wav
 
     sr, x = load_wav(name)
     if sr != 16000:
@@ -214,7 +210,7 @@ def build_workloads(
     vad: str = "engine",
 ) -> list[Workload]:
     from server.codecs import ulaw_decode, ulaw_encode
-    from tests.audio_fixtures import speech_spans
+    from benchmarks.fixtures import speech_spans
 
     out = []
     step = INPUT_RATE * frame_ms // 1000
@@ -323,14 +319,7 @@ class WorkerJob:
 
 def _worker_main(conn: Any, job: WorkerJob) -> None:
     """Entry of a load-generator process: connect, report ready, wait for t0, stream, report."""
-    try:
-        asyncio.run(_worker_async(conn, job))
-    except BaseException:
-        with contextlib.suppress(Exception):
-            conn.send(("error", traceback.format_exc()))
-    finally:
-        with contextlib.suppress(Exception):
-            conn.close()
+    child_main(conn, functools.partial(_worker_async, job=job))
 
 
 class _Client:
@@ -835,51 +824,6 @@ def _score_client(res: StepResult, cl: dict, wl: Workload, t0: float, frame_s: f
 
 
 # ================================================================================ output
-def machine_info() -> dict[str, Any]:
-    cpu_model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 1
-    info: dict[str, Any] = {
-        "cpu_model": cpu_model,
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": usable,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-    with contextlib.suppress(Exception):
-        import psutil
-
-        info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
-    with contextlib.suppress(OSError):
-        info["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    from importlib.metadata import version
-
-    for pkg in ("torch", "websockets", "uvicorn", "silero-vad"):
-        with contextlib.suppress(Exception):
-            info[pkg] = version(pkg)
-    return info
-
-
-def code_version() -> str:
-    """HEAD commit and whether the server-side code differs from it (read-only git calls)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "server", "batching", "models"],
-                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{head or 'unknown'}{' + uncommitted server/batching/models changes' if dirty else ''}"
-
-
 def _f(v: float | None, nd: int = 0) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -52,6 +51,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from benchmarks.harness import OtherLoad, machine_info, system_busy, usable_cpus, wait_for_idle
 
 SAMPLE_RATE = 16000
 WINDOW = 512
@@ -102,106 +103,7 @@ class Row:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-# ---------------------------------------------------------------------------- machine info
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def _proc_stat() -> tuple[int, int] | None:
-    """(total, idle) jiffies summed over all CPUs, from /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            vals = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return sum(vals), vals[3] + (vals[4] if len(vals) > 4 else 0)
-
-
-class OtherLoad:
-    """CPU load of *other* processes while a block runs: machine-wide busy time from
-    /proc/stat minus this process's own CPU time, as a fraction of all CPUs."""
-
-    def __enter__(self) -> "OtherLoad":
-        self.value: float | None = None
-        self._a = _proc_stat()
-        self._cpu = time.process_time()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        b = _proc_stat()
-        if self._a is None or b is None or b[0] <= self._a[0]:
-            return
-        hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        total = (b[0] - self._a[0]) / hz
-        busy = total - (b[1] - self._a[1]) / hz
-        self.value = max(0.0, min(1.0, (busy - (time.process_time() - self._cpu)) / total))
-
-
-def wait_for_idle(max_wait_s: float, threshold: float = 0.10) -> float | None:
-    """Wait (up to max_wait_s) until other processes use < threshold of the CPUs."""
-    deadline = time.monotonic() + max_wait_s
-    busy = system_busy(0.25)
-    while busy is not None and busy >= threshold and time.monotonic() < deadline:
-        busy = system_busy(0.25)
-    return busy
-
-
 _WAIT_IDLE_S = 0.0  # set by --wait-idle
-
-
-def system_busy(interval_s: float = 0.5) -> float | None:
-    """Fraction of all CPUs busy over interval_s while this process sleeps, i.e. the load
-    from *other* processes (from /proc/stat; None where unavailable). A shared machine skews
-    every number here, the multi-threaded batched rows most (a preempted OpenMP worker
-    stalls the whole step), so the header records it."""
-    a = _proc_stat()
-    time.sleep(interval_s)
-    b = _proc_stat()
-    if a is None or b is None or b[0] == a[0]:
-        return None
-    return 1.0 - (b[1] - a[1]) / (b[0] - a[0])
-
-
-def machine_info() -> dict[str, Any]:
-    cpu_model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    usable = _usable_cpus()
-    info: dict[str, Any] = {
-        "cpu_model": cpu_model,
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": usable,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "cuda_available": torch.cuda.is_available(),
-        "gpu": None,
-    }
-    try:
-        import onnxruntime
-
-        info["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        info["onnxruntime"] = None
-    try:
-        from importlib.metadata import version
-
-        info["silero_vad"] = version("silero-vad")
-    except Exception:  # pragma: no cover - metadata missing
-        info["silero_vad"] = None
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 # ---------------------------------------------------------------------------- input audio
@@ -323,7 +225,7 @@ def agreement(device: str) -> float:
     run window by window on the CPU, both from zero state."""
     from silero_vad import load_silero_vad
 
-    from tests.audio_fixtures import SPEECH_FIXTURES, load_wav
+    from benchmarks.fixtures import SPEECH_FIXTURES, load_wav
 
     threads = torch.get_num_threads()
     jit = load_silero_vad()  # sets torch to 1 thread process-wide: restored below
@@ -806,7 +708,7 @@ def _run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any], dict[str,
     _WAIT_IDLE_S = max(0.0, getattr(args, "wait_idle", 0.0) or 0.0)
     from server.vad_engine import default_vad_threads  # after _TORCH_DEFAULT_THREADS was read
 
-    default_threads = _TORCH_DEFAULT_THREADS or _usable_cpus()
+    default_threads = _TORCH_DEFAULT_THREADS or usable_cpus()
     # Headline rows: the server's own VAD thread count on CPU (or --threads to try another).
     batched_threads = args.threads or default_vad_threads("cpu") or default_threads
     quick = args.quick

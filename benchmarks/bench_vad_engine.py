@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from server.vad_engine import VADEngine, _Work
-from tests.audio_fixtures import SPEECH_FIXTURES, load_wav
+from benchmarks.fixtures import SPEECH_FIXTURES, load_wav
 
 
 def reference_probs(x16: np.ndarray) -> np.ndarray:

@@ -53,17 +53,16 @@ import asyncio
 import contextlib
 import datetime as _dt
 import fractions
+import functools
 import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import shlex
 import shutil
 import sys
 import threading
 import time
-import traceback
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,6 +70,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import harness
+from benchmarks.harness import child_main
 from benchmarks.server_process import UvicornProcess
 
 # Light imports only at module level: client worker processes import this module (no torch).
@@ -282,21 +283,14 @@ class WorkerJob:
 
 def _worker_main(conn: Any, job: WorkerJob) -> None:
     """Entry of a load-generator process: connect, report ready, wait for the window, report."""
-    try:
-        os.environ.setdefault("BATCHRTC_ICE_HOSTS", "127.0.0.1")
-        if job.cpus:
-            with contextlib.suppress(OSError, AttributeError):
-                os.sched_setaffinity(0, job.cpus)
-        _pin_ice_hosts()
-        if job.jitter == "marker":
-            _patch_marker_jitter()
-        asyncio.run(_worker_async(conn, job))
-    except BaseException:
-        with contextlib.suppress(Exception):
-            conn.send(("error", traceback.format_exc()))
-    finally:
-        with contextlib.suppress(Exception):
-            conn.close()
+    os.environ.setdefault("BATCHRTC_ICE_HOSTS", "127.0.0.1")
+    if job.cpus:
+        with contextlib.suppress(OSError, AttributeError):
+            os.sched_setaffinity(0, job.cpus)
+    _pin_ice_hosts()
+    if job.jitter == "marker":
+        _patch_marker_jitter()
+    child_main(conn, functools.partial(_worker_async, job=job))
 
 
 def _make_source_class() -> type:
@@ -997,29 +991,12 @@ def _aggregate(res: StepResult, sessions: list[dict[str, Any]], opts: StepOption
 
 # ============================================================================= reporting
 def machine_info(nvml: _NVML | None = None) -> dict[str, Any]:
-    cpu_model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 1
-    versions = {}
-    for mod in ("aiortc", "av", "numpy"):
-        with contextlib.suppress(Exception):
-            versions[mod] = __import__(mod).__version__
-    return {
-        "cpu_model": cpu_model,
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": usable,
-        "gpu": nvml.name if nvml is not None and nvml.ok else None,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": versions,
-    }
+    """The harness's machine description, with the GPU as NVML names it."""
+    packages = ("aiortc", "av", "numpy")
+    info = harness.machine_info(packages=packages)
+    info["versions"] = {pkg: info.pop(pkg) for pkg in packages}  # as the reports print them
+    info["gpu"] = nvml.name if nvml is not None and nvml.ok else info.get("gpu")
+    return info
 
 
 def _f(v: float | None, nd: int = 0) -> str:

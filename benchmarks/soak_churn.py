@@ -21,18 +21,63 @@ from pathlib import Path
 
 os.environ.setdefault("BATCHRTC_ICE_HOSTS", "127.0.0.1")
 
+import base64  # noqa: E402
+import json  # noqa: E402
+
 import httpx  # noqa: E402
+import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
+import websockets  # noqa: E402
 
-from benchmarks.bench_reply import code_version  # noqa: E402
-from benchmarks.bench_vad import machine_info  # noqa: E402
+from benchmarks.harness import ServerThread, code_version, machine_info, settle  # noqa: E402
+from benchmarks.webrtc_client import FrameSource, connect  # noqa: E402
 from server import ReplyOnPause, Stream  # noqa: E402
+from server.codecs import ulaw_encode  # noqa: E402
 from server.vad_engine import get_vad_engine  # noqa: E402
 from server.video import batched  # noqa: E402
-from tests.conftest import ServerThread  # noqa: E402
-from tests.test_churn_faults import settle  # noqa: E402
-from tests.test_websocket_reply import echo  # noqa: E402
+
+
+def echo(audio):
+    yield audio
+
+
+def frame(i: int) -> np.ndarray:
+    img = np.full((96, 128, 3), 90, np.uint8)
+    img[:, : (i % 128)] = 200
+    return img
+
+
+def ws_cycle_factory(server: ServerThread):
+    """One WebSocket ReplyOnPause session: start, 0.8 s of audio, then stop or vanish."""
+    speech = (np.sin(np.arange(48000) / 7) * 6000).astype(np.int16)
+    payload = base64.b64encode(ulaw_encode(speech[:9600])).decode()
+
+    async def ws_cycle(i: int, quit_rudely: bool) -> None:
+        async with websockets.connect(f"{server.ws}/websocket/offer") as ws:
+            await ws.send(json.dumps({"event": "start", "websocket_id": f"c{i}"}))
+            for _ in range(4):  # 0.8 s of audio -> at least one VAD batch
+                await ws.send(json.dumps({"event": "media", "media": {"payload": payload}}))
+            await asyncio.sleep(0.2)
+            if quit_rudely:
+                ws.transport.abort()  # vanish without a close frame
+                return
+            await ws.send(json.dumps({"event": "stop"}))
+
+    return ws_cycle
+
+
+def rtc_cycle_factory(server: ServerThread):
+    """One WebRTC video session: connect, get two processed frames, close."""
+    async def rtc_cycle(i: int) -> None:
+        c, ans = await connect(server.http, f"v{i}", video=FrameSource(frame, fps=15), recv_video=True, keep_frames=0)
+        assert ans["type"] == "answer"
+        await settle(lambda: len(c.frames) >= 2, 20)
+        await c.close()
+
+    return rtc_cycle
+
+
 
 
 async def run(cycles: int, report_every: int) -> list[dict]:
@@ -48,10 +93,8 @@ async def run(cycles: int, report_every: int) -> list[dict]:
         return {"tasks": len(asyncio.all_tasks())}
 
     sa, sv = ServerThread(audio).start(), ServerThread(video).start()
-    # the same session cycles as the churn test
-    from tests import test_churn_faults as churn
-
-    ws_cycle, rtc_cycle = churn._ws_cycle_factory(sa), churn._rtc_cycle_factory(sv)
+    # the same session cycles as tests/test_churn_faults.py
+    ws_cycle, rtc_cycle = ws_cycle_factory(sa), rtc_cycle_factory(sv)
     proc = psutil.Process()
     rows: list[dict] = []
     done = 0

@@ -8,12 +8,12 @@ when there is none): a confidence slider (`additional_inputs`) and a detection l
 
 from __future__ import annotations
 
-import os
 
 import gradio as gr
 from fastapi.responses import HTMLResponse
 
 from .detection import face_detection_handler
+from .config import load_settings
 from .stream import Stream
 
 stream = Stream(
@@ -23,7 +23,7 @@ stream = Stream(
     additional_inputs=[gr.Slider(0.0, 1.0, value=0.9, step=0.01, label="Confidence threshold")],
     additional_outputs=[gr.JSON(label="Detections")],
     additional_outputs_handler=lambda old, new: new,
-    concurrency_limit=int(os.environ.get("BATCHRTC_CONCURRENCY", "64")),
+    concurrency_limit=load_settings().concurrency or 64,
     ui_args={
         "title": "Batched face detection",
         "subtitle": "Press Start and allow the camera: faces get boxes, their scores appear "

@@ -1,14 +1,24 @@
-"""Operator settings read from the environment, in one place, validated once.
+"""Configuration, in two frozen values: what the operator set and what the app's author set.
 
-`load_settings()` reads the `BATCHRTC_*` variables each time it is called (tests change them
-between servers); a `Stream` reads them once, when it is built, and keeps the result.
+`Settings` holds the `BATCHRTC_*` environment variables (the README lists them in one table;
+`BATCHRTC_DEVICE` alone is read by `models.device`, the model layer's own setting);
+`load_settings()` reads them each time it is called (tests change them between servers) and a
+`Stream` reads them once, when it is built. `StreamConfig` is what was passed to `Stream(...)`,
+validated. Front ends, sessions, the UI and the docs read these two, never the `Stream`.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 from urllib.parse import urlsplit
+
+Modality = Literal["video", "audio", "audio-video"]
+Mode = Literal["send-receive", "receive", "send"]
+MODALITIES = ("video", "audio", "audio-video")
+MODES = ("send-receive", "receive", "send")
 
 
 def _int(name: str, default: int, minimum: int = 1) -> int:
@@ -24,8 +34,44 @@ def _int(name: str, default: int, minimum: int = 1) -> int:
     return value
 
 
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _flag(name: str) -> bool | None:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("1", "true", "yes"):
+        return True
+    if raw in ("0", "false", "no"):
+        return False
+    if raw:
+        raise ValueError(f"{name} must be 1 or 0, got {raw!r}")
+    return None
+
+
 @dataclass(frozen=True)
 class Settings:
+    # Sessions the default apps accept (`server.app`: 64, `server.echo_app`: 256 when unset).
+    concurrency: int | None = None
+    # The shared Silero VAD engine: its batcher and the torch threads of its batch thread
+    # (None: 1 on CPU, torch's default on CUDA; see server/vad_engine.py).
+    vad_max_batch: int = 512
+    vad_max_delay_ms: float = 20.0
+    vad_threads: int | None = None
+    # The default app's batched face detector.
+    video_max_batch: int = 64
+    video_max_delay_ms: float = 8.0
+    # Batched video handlers in a worker process of their own (None: on CUDA only).
+    video_process: bool | None = None
     # Video frames larger than this (width x height) end their session with a clear error.
     # Full HD: more than any webcam the default app expects; 4K frames cost ~27x a 640x480 one.
     video_max_pixels: int = 1920 * 1080
@@ -39,6 +85,9 @@ class Settings:
     # Public base URL (https://host[:port][/prefix]) for the telephone webhook's media-stream
     # URL. Unset: taken from the request's Host header, which a client can spoof.
     public_url: str | None = None
+    # Pin ICE host candidates to these addresses (aioice otherwise offers every interface but
+    # loopback): `BATCHRTC_ICE_HOSTS=127.0.0.1` for tests and benchmarks on loopback.
+    ice_hosts: tuple[str, ...] = ()
 
 
 def load_settings() -> Settings:
@@ -47,10 +96,105 @@ def load_settings() -> Settings:
         parts = urlsplit(public)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"BATCHRTC_PUBLIC_URL must be an http(s) URL like https://example.com, got {public!r}")
+    vad_threads = os.environ.get("BATCHRTC_VAD_THREADS", "").strip()
     return Settings(
+        concurrency=_int("BATCHRTC_CONCURRENCY", 0) or None,
+        vad_max_batch=_int("BATCHRTC_VAD_MAX_BATCH", Settings.vad_max_batch),
+        vad_max_delay_ms=_float("BATCHRTC_VAD_MAX_DELAY_MS", Settings.vad_max_delay_ms),
+        vad_threads=_int("BATCHRTC_VAD_THREADS", 0, minimum=0) if vad_threads else None,
+        video_max_batch=_int("BATCHRTC_VIDEO_MAX_BATCH", Settings.video_max_batch),
+        video_max_delay_ms=_float("BATCHRTC_VIDEO_MAX_DELAY_MS", Settings.video_max_delay_ms),
+        video_process=_flag("BATCHRTC_VIDEO_PROCESS"),
         video_max_pixels=_int("BATCHRTC_VIDEO_MAX_PIXELS", Settings.video_max_pixels),
         video_pixel_rate=_int("BATCHRTC_VIDEO_PIXEL_RATE", Settings.video_pixel_rate),
         handler_threads=_int("BATCHRTC_HANDLER_THREADS", Settings.handler_threads),
         handler_threads_lost=_int("BATCHRTC_HANDLER_THREADS_LOST", Settings.handler_threads_lost),
         public_url=public.rstrip("/") if public else None,
+        ice_hosts=tuple(h.strip() for h in os.environ.get("BATCHRTC_ICE_HOSTS", "").split(",") if h.strip()),
     )
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """A `Stream`'s arguments (FastRTC's names), validated once by `StreamConfig.build`."""
+
+    modality: Modality = "video"
+    mode: Mode = "send-receive"
+    concurrency_limit: int = 1
+    time_limit: float | None = None
+    allow_extra_tracks: bool = False
+    rtp_params: Mapping[str, Any] | None = None
+    rtc_configuration: Mapping[str, Any] | Callable[..., Any] | None = None
+    server_rtc_configuration: Mapping[str, Any] | None = None
+    track_constraints: Mapping[str, Any] | None = None
+    additional_inputs: tuple[Any, ...] = ()
+    additional_outputs: tuple[Any, ...] = ()
+    additional_outputs_handler: Callable[..., Any] | None = None
+    ui_args: Mapping[str, Any] = field(default_factory=dict)
+    verbose: bool = True
+    # Per-call limit for handler calls that should return promptly (receive, per-frame
+    # video); a call that outlives it ends its session. `emit` may wait: no limit there.
+    handler_timeout: float | None = 30.0
+    input_sample_rate: int = 48000  # the handler's, as the front ends deliver audio
+    output_sample_rate: int = 24000
+    handler_name: str = ""  # for the docs pages
+    can_interrupt: bool | None = None  # ReplyOnPause's, for the docs pages
+    settings: Settings = field(default_factory=Settings)
+
+    @property
+    def default_args(self) -> list[Any]:
+        """The additional inputs' initial values: what a handler gets before `set_input`."""
+        return [getattr(c, "value", None) for c in self.additional_inputs]
+
+    @classmethod
+    def build(
+        cls,
+        handler: Any,
+        *,
+        modality: str = "video",
+        mode: str = "send-receive",
+        concurrency_limit: Any = "default",
+        time_limit: float | None = None,
+        additional_inputs: list[Any] | None = None,
+        additional_outputs: list[Any] | None = None,
+        additional_outputs_handler: Callable[..., Any] | None = None,
+        handler_timeout: float | None = 30.0,
+        ui_args: Mapping[str, Any] | None = None,
+        settings: Settings | None = None,
+        **rest: Any,
+    ) -> StreamConfig:
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be 'video', 'audio' or 'audio-video', got {modality!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be 'send-receive', 'receive' or 'send', got {mode!r}")
+        if additional_outputs and additional_outputs_handler is None:
+            raise ValueError(
+                "additional_outputs_handler must be provided if there are additional_outputs."
+            )
+        if concurrency_limit in ("default", None):
+            limit = 1  # FastRTC's default: one connection
+        elif isinstance(concurrency_limit, int) and not isinstance(concurrency_limit, bool) and concurrency_limit >= 1:
+            limit = concurrency_limit
+        else:
+            raise ValueError(f"concurrency_limit must be a positive int, 'default' or None, got {concurrency_limit!r}")
+        if time_limit is not None and time_limit <= 0:
+            raise ValueError(f"time_limit must be positive seconds, got {time_limit!r}")
+        if handler_timeout is not None and handler_timeout <= 0:
+            raise ValueError(f"handler_timeout must be positive seconds or None, got {handler_timeout!r}")
+        return cls(
+            modality=modality,  # type: ignore[arg-type]
+            mode=mode,  # type: ignore[arg-type]
+            concurrency_limit=limit,
+            time_limit=time_limit,
+            additional_inputs=tuple(additional_inputs or ()),
+            additional_outputs=tuple(additional_outputs or ()),
+            additional_outputs_handler=additional_outputs_handler,
+            handler_timeout=handler_timeout,
+            ui_args=dict(ui_args or {}),
+            input_sample_rate=int(getattr(handler, "input_sample_rate", 48000)),
+            output_sample_rate=int(getattr(handler, "output_sample_rate", 24000)),
+            handler_name=str(getattr(handler, "__name__", None) or type(handler).__name__),
+            can_interrupt=getattr(handler, "can_interrupt", None),
+            settings=settings if settings is not None else load_settings(),
+            **rest,
+        )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch
 from models.detector import FaceDetector, draw_boxes
 from models.device import default_device
 
+from .config import load_settings
 from .utils import AdditionalOutputs
 from .video import BatchedHandler, batched
 
@@ -49,10 +49,11 @@ def face_detection_handler(
 ) -> BatchedHandler:
     """A batched handler: `(frames [B,H,W,3] RGB, per-frame (confidence,)) -> frames with
     boxes drawn + AdditionalOutputs(list of {box, score})`."""
+    settings = load_settings()
     return batched(
         _detect,
-        max_batch_size=max_batch_size or int(os.environ.get("BATCHRTC_VIDEO_MAX_BATCH", "64")),
-        max_queue_delay_ms=max_queue_delay_ms or float(os.environ.get("BATCHRTC_VIDEO_MAX_DELAY_MS", "8")),
+        max_batch_size=max_batch_size or settings.video_max_batch,
+        max_queue_delay_ms=max_queue_delay_ms or settings.video_max_delay_ms,
         deadline_ms=100.0,
         # Not detector().device: with the handler in its own process, the front end never
         # loads the model (nor creates a CUDA context).

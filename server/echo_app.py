@@ -7,13 +7,13 @@ it accepts (default 256).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import numpy as np
 from fastapi.responses import HTMLResponse
 
 from .reply_on_pause import ReplyOnPause
+from .config import load_settings
 from .stream import Stream
 
 
@@ -29,7 +29,7 @@ stream = Stream(
     ReplyOnPause(echo),
     modality="audio",
     mode="send-receive",
-    concurrency_limit=int(os.environ.get("BATCHRTC_CONCURRENCY", "256")),
+    concurrency_limit=load_settings().concurrency or 256,
     ui_args={
         "title": "ReplyOnPause echo",
         "subtitle": "Press Start and allow the microphone, say a sentence, then pause: "

@@ -22,6 +22,9 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+IDLE_EXIT_S = 30.0  # a worker with nothing to do this long exits (a burst's threads go away)
+_IDLE = object()
+
 
 class _Work:
     __slots__ = ("fn", "args", "future", "abandoned")
@@ -118,9 +121,17 @@ class HandlerPool:
         while True:
             with self._lock:
                 self._idle += 1
-            work = self._queue.get()
+            try:
+                work = self._queue.get(timeout=IDLE_EXIT_S)
+            except queue.Empty:
+                work = _IDLE
             with self._lock:
                 self._idle -= 1
+                if work is _IDLE:
+                    if self._queued > self._idle:  # a call was just queued counting on us
+                        continue
+                    self._threads -= 1  # idle a while: give the thread back
+                    return
                 if work is None:
                     self._threads -= 1
                     return

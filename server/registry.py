@@ -1,21 +1,31 @@
-"""The session registry: ids, the concurrency limit, lookup, and closing everything.
+"""The session registry: open, look up by id, count against the limit, close, close all.
 
-A session is registered when it opens and removed the moment it starts closing, in the same
-synchronous step that moves it out of ACTIVE (no await in between), so however the client,
-the handler, a time limit and the server interleave their closes, it leaves exactly once.
-Its teardown (handler `shutdown`, peer connection, VAD slots) then runs in a task the
-registry keeps until it ends, so `close_all` can wait for it at shutdown.
+This is what front ends, the UI and the docs see of a stream. `open()` admits a connection
+(FastRTC's refusals), makes its handler copy and its `Session`, and registers it with no
+await in between, so two connections cannot race past the limit. A session is removed the
+moment it starts closing, in the same synchronous step that moves it out of ACTIVE, so
+however the client, the handler, a time limit and the server interleave their closes, it
+leaves exactly once. Its teardown (handler `shutdown`, peer connection, VAD slots) then runs
+in a task the registry keeps until it ends, so `close_all` can wait for it at shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable, Iterator, Mapping
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from fastapi import HTTPException
+
+from .utils import create_message
+
 if TYPE_CHECKING:
+    from .handlers import DataChannel
     from .session import Session
+
+logger = logging.getLogger(__name__)
 
 
 def log_id(webrtc_id: str) -> str:
@@ -35,14 +45,36 @@ class Refused(Exception):
         return {"status": "failed", "meta": self.meta}
 
 
-class SessionRegistry(Mapping[str, "Session"]):
-    """Active sessions by id (a read-only mapping), plus the ones still tearing down."""
+class UnknownConnection(HTTPException, LookupError):
+    """No active session has this id: a clear 404 when raised inside a route (e.g. a route
+    that calls `set_input` or `output_stream`)."""
 
-    def __init__(self, limit: int, capacity_check: Callable[[], str | None] | None = None) -> None:
+    def __init__(self, webrtc_id: str) -> None:
+        super().__init__(404, detail="unknown connection")
+        self.webrtc_id = webrtc_id
+
+
+class SessionRegistry(Mapping[str, "Session"]):
+    """Active sessions by id (a read-only mapping), plus the ones still tearing down.
+
+    `factory(webrtc_id, channel, kind, registry)` makes a session (the stream supplies it);
+    `capacity_check()` names a reason to refuse new sessions (stuck handler threads)."""
+
+    def __init__(
+        self,
+        limit: int,
+        factory: Callable[[str, DataChannel, str, SessionRegistry], Session] | None = None,
+        capacity_check: Callable[[], str | None] | None = None,
+        time_limit: float | None = None,
+        verbose: bool = False,
+    ) -> None:
         self.limit = limit
+        self._factory = factory
         self._active: dict[str, Session] = {}
         self._closing: set[asyncio.Task] = set()
         self._capacity_check = capacity_check
+        self.time_limit = time_limit
+        self.verbose = verbose
 
     # -- Mapping ---------------------------------------------------------------------------
     def __getitem__(self, webrtc_id: str) -> Session:
@@ -73,6 +105,41 @@ class SessionRegistry(Mapping[str, "Session"]):
         """Register an admitted session (call right after `admit`, with no await between)."""
         self.admit(session.webrtc_id)
         self._active[session.webrtc_id] = session
+
+    def open(self, webrtc_id: str, channel: DataChannel, *, kind: str) -> Session:
+        """Admit and register a connection, or raise `Refused` with FastRTC's refusal (any
+        other exception: the handler's `copy()` failed). No await inside."""
+        if self._factory is None:
+            raise RuntimeError("this registry has no session factory")
+        self.admit(webrtc_id)
+        session = self._factory(webrtc_id, channel, kind, self)
+        self.add(session)
+        if self.time_limit is not None:
+            session.spawn(self._enforce_time_limit(session, self.time_limit), "time_limit")
+        if self.verbose:
+            logger.info("session %s (%s) opened; %d active", session.log_id, kind, len(self._active))
+        return session
+
+    @staticmethod
+    async def _enforce_time_limit(session: Session, limit: float) -> None:
+        await asyncio.sleep(limit)
+        session.send(create_message("end_stream", "time limit reached"))
+        session.close("time limit reached")
+
+    def session(self, webrtc_id: str) -> Session:
+        """The active session `webrtc_id`, or `UnknownConnection`."""
+        s = self._active.get(webrtc_id)
+        if s is None or not s.active:
+            raise UnknownConnection(webrtc_id)
+        return s
+
+    def set_input(self, webrtc_id: str, *args: Any) -> None:
+        """A session's latest additional-input values (see `Stream.set_input`)."""
+        self.session(webrtc_id).set_input(list(args))
+
+    def output_stream(self, webrtc_id: str) -> AsyncIterator[Any]:
+        """A session's `AdditionalOutputs` as they come, until it ends (see `Stream`)."""
+        return self.session(webrtc_id).output_stream()
 
     def remove(self, session: Session, teardown: asyncio.Task | None = None) -> None:
         """Called once by the session as it leaves ACTIVE."""

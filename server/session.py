@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from . import metrics
 from .handler_pool import HandlerPool, default_pool
 from .handlers import AsyncStreamHandler, DataChannel, StreamHandlerBase
 from .outputs import InvalidOutput, Output, parse_output
@@ -34,7 +33,9 @@ from .utils import (
 )
 
 if TYPE_CHECKING:
-    from .stream import Stream
+    from .config import StreamConfig
+    from .metrics.state import StreamMetrics
+    from .registry import SessionRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -119,15 +120,19 @@ class Session:
 
     def __init__(
         self,
-        stream: Stream,
+        registry: SessionRegistry,
+        config: StreamConfig,
         webrtc_id: str,
         handler: Any,
         channel: DataChannel,
         *,
         kind: str,
         pool: HandlerPool | None = None,
+        metrics: StreamMetrics | None = None,
     ) -> None:
-        self.stream = stream
+        self.registry = registry
+        self.config = config
+        self.metrics = metrics
         self.webrtc_id = webrtc_id
         self.log_id = log_id(webrtc_id)
         self.handler = handler
@@ -201,7 +206,8 @@ class Session:
 
     def report_handler_error(self, e: BaseException) -> None:
         """A handler raised: tell this client; other sessions never see it."""
-        metrics.record_handler_error(self, e)
+        if self.metrics is not None:
+            self.metrics.handler_error(self.kind, isinstance(e, Warning))
         if isinstance(e, Warning):
             self.send(create_message("warning", e.message))
             return
@@ -271,7 +277,7 @@ class Session:
     async def call_limited(self, fn: Callable[..., Any], *args: Any) -> Any:
         """`call` under the stream's `handler_timeout`. A call that outlives it ends its own
         session; a thread stuck in it is abandoned (see `HandlerPool`)."""
-        timeout = self.stream.handler_timeout
+        timeout = self.config.handler_timeout
         if timeout is None:
             return await self.call(fn, *args)
         try:
@@ -383,7 +389,19 @@ class Session:
         except asyncio.TimeoutError:
             pass
 
-    # -- additional outputs ----------------------------------------------------------------
+    # -- additional inputs and outputs -----------------------------------------------------
+    @property
+    def args(self) -> tuple[Any, ...]:
+        """The additional inputs' latest values: `set_input`'s, else the stream's defaults."""
+        return tuple(self.latest_args if self.latest_args is not None else self.config.default_args)
+
+    def set_input(self, args: list[Any]) -> None:
+        """Audio handlers see `latest_args == ["__webrtc_value__", *args]` (FastRTC's
+        layout); per-frame video handlers get `args` after the frame."""
+        if isinstance(self.handler, StreamHandlerBase):
+            self.handler.set_args(["__webrtc_value__", *args])
+        self.latest_args = list(args)
+
     async def output_stream(self) -> AsyncIterator[AdditionalOutputs]:
         q = self.outputs.subscribe()
         try:
@@ -404,7 +422,7 @@ class Session:
             self.close_reason = reason
             self.closed.set()
             self._teardown_task = self.loop.create_task(self._teardown(reason), name=f"{self.log_id}:teardown")
-            self.stream.registry.remove(self, self._teardown_task)
+            self.registry.remove(self, self._teardown_task)
         return asyncio.shield(self._teardown_task)
 
     async def _teardown(self, reason: str) -> None:
@@ -426,7 +444,8 @@ class Session:
             for cf in list(self._calls):  # sync calls still running: nobody waits for them
                 self.pool.abandon(cf)
             self.outputs.end()
-            metrics.session_closed(self)
+            if self.metrics is not None:
+                self.metrics.retire(self)
             self._state = SessionState.CLOSED
 
     async def _bounded(self, aw: Any, what: str) -> None:

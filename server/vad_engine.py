@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -19,14 +18,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from batching import DynamicBatcher, StateSlots
+from batching import BatchingConfig, DynamicBatcher, StateSlots
 from models.device import default_device
 from models.resample import StreamingResampler
 from models.silero import SileroVAD
 
+from .config import load_settings
+
 logger = logging.getLogger(__name__)
 
 VAD_RATE = 16000
+LATENCY_BUDGET_S = 0.05  # a chunk's deadline from submit: steers when a batch runs
 WINDOW = 512
 CONTEXT = 64
 
@@ -93,9 +95,9 @@ class VADEngine:
         self.batcher: DynamicBatcher[_Work, np.ndarray] = DynamicBatcher(
             self._run_batch,
             name="silero_vad",
-            max_batch_size=max_batch_size,
-            max_queue_delay_ms=max_queue_delay_ms,
-            max_queue_size=max_queue_size,
+            # audio is never dropped for lateness; the deadline steers the flush only
+            config=BatchingConfig(max_batch_size, max_queue_delay_ms, max_queue_size,
+                                  deadline_ms=LATENCY_BUDGET_S * 1e3, drop_if_late=False),
             group_key=lambda w: (w.rate, w.samples.shape[0]),
             initializer=self._init_worker_thread,
         )
@@ -209,7 +211,7 @@ class VADStream:
         self.windows_done = 0
 
     async def process(
-        self, samples: np.ndarray, *, latency_budget_s: float = 0.05
+        self, samples: np.ndarray, *, latency_budget_s: float = LATENCY_BUDGET_S
     ) -> np.ndarray:
         """Feed mono samples (int16 or float in [-1, 1]); returns one probability per
         512-sample window completed at 16 kHz (possibly none)."""
@@ -266,13 +268,18 @@ def get_vad_engine() -> VADEngine:
     global _default_engine
     with _default_lock:
         if _default_engine is None:
-            threads = os.environ.get("BATCHRTC_VAD_THREADS", "").strip()
+            settings = load_settings()
             _default_engine = VADEngine(
-                max_batch_size=int(os.environ.get("BATCHRTC_VAD_MAX_BATCH", "512")),
-                max_queue_delay_ms=float(os.environ.get("BATCHRTC_VAD_MAX_DELAY_MS", "20")),
-                threads=int(threads) if threads else None,
+                max_batch_size=settings.vad_max_batch,
+                max_queue_delay_ms=settings.vad_max_delay_ms,
+                threads=settings.vad_threads,
             )
         return _default_engine
+
+
+def current_vad_engine() -> VADEngine | None:
+    """The process-wide engine if it exists (never creates it)."""
+    return _default_engine
 
 
 def set_vad_engine(engine: VADEngine | None) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,9 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from batching import DynamicBatcher, ResultCountError
+from batching import BatchingConfig, DynamicBatcher, ResultCountError
 from batching.process import ProcessRunner
 from models.device import default_device
+
+from .config import load_settings
 
 logger = logging.getLogger(__name__)
 
@@ -107,12 +108,22 @@ class BatchedHandler:
                 self._batcher = DynamicBatcher(
                     self._run,
                     name=f"video:{self.__name__}",
-                    max_batch_size=self.max_batch_size,
-                    max_queue_delay_ms=self.max_queue_delay_ms,
-                    max_queue_size=self.max_queue_size,
+                    # a late frame is dropped: a newer one exists
+                    config=BatchingConfig(self.max_batch_size, self.max_queue_delay_ms, self.max_queue_size,
+                                          deadline_ms=self.deadline_ms, drop_if_late=True),
                     group_key=lambda f: f.array.shape,
                 )
             return self._batcher
+
+    @property
+    def existing_batcher(self) -> DynamicBatcher[_Frame, Any] | None:
+        """The batcher if it has been created (`batcher` creates it)."""
+        return self._batcher
+
+    @property
+    def runner(self) -> ProcessRunner | None:
+        """The worker process's runner, with `process=True`, once the batcher exists."""
+        return self._runner
 
     def _start_runner(self) -> None:
         runner = self._runner
@@ -167,12 +178,8 @@ def _want_process(process: bool | None, device: torch.device) -> bool:
     GIL contention was measured; on CPU the extra process buys nothing measured yet)."""
     if process is not None:
         return bool(process)
-    env = os.environ.get("BATCHRTC_VIDEO_PROCESS", "").strip().lower()
-    if env in ("1", "true", "yes"):
-        return True
-    if env in ("0", "false", "no"):
-        return False
-    return device.type == "cuda"
+    env = load_settings().video_process
+    return env if env is not None else device.type == "cuda"
 
 
 def _maybe_importable(fn: Any) -> bool:

@@ -9,63 +9,21 @@ import os
 import threading
 import time
 
+import base64
+
 import httpx
 import numpy as np
 import psutil
 import torch
 import websockets
 
+from benchmarks.harness import settle
+from benchmarks.soak_churn import echo, frame, rtc_cycle_factory, ws_cycle_factory
 from server import ReplyOnPause, Stream
+from server.codecs import ulaw_encode
 from server.vad_engine import get_vad_engine
 from server.video import batched
-from tests.test_websocket_reply import echo
 from tests.webrtc_client import FrameSource, connect
-from server.codecs import ulaw_encode
-
-import base64
-
-
-def frame(i: int) -> np.ndarray:
-    img = np.full((96, 128, 3), 90, np.uint8)
-    img[:, : (i % 128)] = 200
-    return img
-
-
-async def settle(cond, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("did not settle")
-        await asyncio.sleep(0.1)
-
-
-def _ws_cycle_factory(server):
-    speech = (np.sin(np.arange(48000) / 7) * 6000).astype(np.int16)
-    payload = base64.b64encode(ulaw_encode(speech[:9600])).decode()
-
-    async def ws_cycle(i: int, quit_rudely: bool) -> None:
-        async with websockets.connect(f"{server.ws}/websocket/offer") as ws:
-            await ws.send(json.dumps({"event": "start", "websocket_id": f"c{i}"}))
-            for _ in range(4):  # 0.8 s of audio -> at least one VAD batch
-                await ws.send(json.dumps({"event": "media", "media": {"payload": payload}}))
-            await asyncio.sleep(0.2)
-            if quit_rudely:
-                ws.transport.abort()  # vanish without a close frame
-                return
-            await ws.send(json.dumps({"event": "stop"}))
-
-    return ws_cycle
-
-
-def _rtc_cycle_factory(server):
-    async def rtc_cycle(i: int) -> None:
-        c, ans = await connect(server.http, f"v{i}", video=FrameSource(frame, fps=15), recv_video=True, keep_frames=0)
-        assert ans["type"] == "answer"
-        await settle(lambda: len(c.frames) >= 2, 20)
-        await c.close()
-
-    return rtc_cycle
-
 
 async def test_vanished_peer_mid_batch_hurts_nobody(serve):
     gate = threading.Event()
@@ -113,7 +71,7 @@ async def test_churn_returns_to_baseline(serve):
     engine = get_vad_engine()
     proc = psutil.Process(os.getpid())
 
-    ws_cycle, rtc_cycle = _ws_cycle_factory(sa), _rtc_cycle_factory(sv)
+    ws_cycle, rtc_cycle = ws_cycle_factory(sa), rtc_cycle_factory(sv)
 
     async def one_round(r: int) -> None:
         await asyncio.gather(

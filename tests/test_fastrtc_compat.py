@@ -20,7 +20,6 @@ from fastapi import FastAPI
 
 from server import (
     AdditionalOutputs,
-    AsyncAudioVideoStreamHandler,
     AudioVideoStreamHandler,
     ReplyOnPause,
     Stream,

@@ -45,11 +45,11 @@ ws_messages = st.one_of(
 
 
 def test_fuzz_webrtc_offer_never_500s(serve, monkeypatch):
-    import server.webrtc
+    import server.frontends.webrtc.connection as connection
 
-    # An offer that negotiates (e.g. a bare SDP with no media) holds a session until the
+    # An offer that negotiates (e.g. a data channel and no media) holds a session until the
     # no-media watchdog drops it: shorten that from 30 s so the test can see it go.
-    monkeypatch.setattr(server.webrtc, "NO_MEDIA_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(connection, "NO_MEDIA_TIMEOUT_S", 1.0)
     stream = Stream(lambda f: f, modality="video", concurrency_limit=3)
     server = serve(stream)
     client = httpx.Client(timeout=20)

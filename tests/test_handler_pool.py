@@ -71,3 +71,17 @@ def test_exceptions_reach_the_caller():
         pass
     else:
         raise AssertionError("no exception")
+
+
+def test_idle_threads_exit(monkeypatch):
+    import server.handler_pool as hp
+
+    monkeypatch.setattr(hp, "IDLE_EXIT_S", 0.2)
+    pool = HandlerPool(max_workers=4, max_lost=1)
+    gate = threading.Event()
+    burst = [pool.submit(gate.wait, 5) for _ in range(4)]
+    wait_until(lambda: pool.threads == 4)
+    gate.set()
+    assert all(f.result(timeout=5) for f in burst)
+    wait_until(lambda: pool.threads == 0)  # the burst's threads went away
+    assert pool.submit(lambda: 3).result(timeout=5) == 3  # and come back on demand

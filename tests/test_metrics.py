@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server import ReplyOnPause, Stream, StreamHandler
 from server import metrics as m
+from server.metrics import gpu as gpu_module
 from server.codecs import ulaw_encode
 from server.vad_engine import get_vad_engine
 from server.video import BatchedHandler, batched
@@ -340,41 +341,37 @@ async def test_handler_errors_counted_end_to_end(serve):
 
 
 # -- batcher discovery -----------------------------------------------------------------------
-def test_batchers_reachable_through_attributes_and_closures_are_exported():
+def test_batchers_are_reported_explicitly_never_found_by_walking_objects():
+    """The stream's own batched handler (once its batcher exists) and whatever the app
+    registers: nothing is discovered by walking attributes or closures."""
+    @batched(device="cpu")
+    def own(frames, args):
+        return frames
+
     @batched(device="cpu")
     def held_in_closure(frames, args):
         return frames
 
-    @batched(device="cpu")
-    def held_in_attr(frames, args):
-        return frames
-
-    class Wrapper:
-        def __init__(self) -> None:
-            self.model = {"detector": held_in_attr}
-
-        def __call__(self, frame):
-            return frame
-
     def handler(frame):
         return held_in_closure, frame
 
-    for h, name in ((handler, "video:held_in_closure"), (Wrapper(), "video:held_in_attr")):
-        stream = Stream(h, modality="video")
-        names = [n for n, _ in m._batchers(stream)]
-        assert name not in names  # reading never creates a batcher
-    held_in_closure.batcher, held_in_attr.batcher  # noqa: B018 - create them
+    stream = Stream(own, modality="video")
+    assert [n for n, _ in stream.engines.batchers()] == []  # reading never creates a batcher
+    own.batcher  # noqa: B018 - create it
+    held_in_closure.batcher  # noqa: B018
     try:
-        for h, name in ((handler, "video:held_in_closure"), (Wrapper(), "video:held_in_attr")):
-            stream = Stream(h, modality="video")
-            assert name in [n for n, _ in m._batchers(stream)]
-            s, _ = scrape_local(stream)
-            assert val(s, "batchrtc_batcher_up", batcher=name) == 1
+        assert [n for n, _ in stream.engines.batchers()] == ["video:own"]
+        s, _ = scrape_local(stream)
+        assert val(s, "batchrtc_batcher_up", batcher="video:own") == 1
+        other = Stream(handler, modality="video")
+        assert [n for n, _ in other.engines.batchers()] == []  # inside a closure: not found
+        m.register_batcher(other, held_in_closure.batcher)
+        assert [n for n, _ in other.engines.batchers()] == ["video:held_in_closure"]
     finally:
+        own.close()
         held_in_closure.close()
-        held_in_attr.close()
 
-    # register_batcher for anything else; same-named batchers get distinct labels
+    # same-named batchers get distinct labels
     from batching import DynamicBatcher
 
     stream = Stream(lambda f: f, modality="video")
@@ -388,8 +385,8 @@ def test_batchers_reachable_through_attributes_and_closures_are_exported():
 
 # -- GPU metrics -----------------------------------------------------------------------------
 async def test_gpu_metrics_absent_without_nvml_and_nothing_logged(serve, caplog, monkeypatch):
-    nvml = m._Nvml()
-    monkeypatch.setattr(m, "_nvml", nvml)
+    nvml = m.Nvml()
+    monkeypatch.setattr(gpu_module, "nvml", nvml)
     stream = Stream(lambda f: f, modality="video")
     server = serve(stream)
     with caplog.at_level(logging.DEBUG, logger="server.metrics"):
@@ -427,7 +424,7 @@ def _fake_pynvml(init_calls: list) -> types.SimpleNamespace:
 
 def test_gpu_metrics_per_device_with_nvml(monkeypatch):
     init_calls: list = []
-    monkeypatch.setattr(m, "_nvml", m._Nvml(loader=lambda: _fake_pynvml(init_calls)))
+    monkeypatch.setattr(gpu_module, "nvml", m.Nvml(loader=lambda: _fake_pynvml(init_calls)))
     stream = Stream(lambda f: f, modality="video")
     scrape_local(stream)
     s, _ = scrape_local(stream)
@@ -448,7 +445,7 @@ def test_nvml_init_failure_is_tried_once(monkeypatch):
         calls.append(1)
         raise OSError("libnvidia-ml.so.1: cannot open shared object file")
 
-    nvml = m._Nvml(loader=loader)
+    nvml = m.Nvml(loader=loader)
     assert nvml.devices() == [] and nvml.devices() == []
     assert calls == [1]
 
@@ -465,7 +462,11 @@ async def test_health_ok_with_fields(serve):
     assert body["status"] == "ok" and body["sessions"] == 0
     expected = "cuda:0" if get_vad_engine().device.type == "cuda" else "cpu"
     assert body["device"] == expected
-    assert body["batchers"][VAD] == {"ok": True, "queue_depth": 0}
+    vad = body["batchers"][VAD]
+    assert vad["ok"] is True and vad["queue_depth"] == 0
+    # the batching policy, with Triton's names, as the engine runs it
+    assert vad["config"] == get_vad_engine().batcher.config.as_dict()
+    assert set(vad["config"]) == {"max_batch_size", "max_queue_delay_ms", "max_queue_size", "deadline_ms", "drop_if_late"}
 
 
 async def test_health_503_when_a_batcher_is_closed(serve):

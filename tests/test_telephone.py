@@ -19,7 +19,8 @@ import websockets
 from fastapi import FastAPI
 from scipy.signal import resample_poly
 
-from server import ReplyOnPause, Stream, telephone
+from server import ReplyOnPause, Stream, twilio
+from server.frontends import telephone
 from server.codecs import ulaw_decode, ulaw_encode
 from tests.audio_fixtures import load_wav, speech_spans
 from tests.test_websocket_reply import best_match, echo
@@ -385,7 +386,7 @@ async def test_incoming_call_webhook_answers_twiml(serve):
         assert stream_url_of(r.text) == "wss://abc.ngrok.app:443/telephone/handler"
         assert (await client.get(f"{server.http}/telephone/incoming")).status_code == 405
     # Odd characters in the URL stay inside the attribute.
-    assert stream_url_of(telephone.twiml('wss://a"b<c>&d/telephone/handler')) == 'wss://a"b<c>&d/telephone/handler'
+    assert stream_url_of(twilio.twiml('wss://a"b<c>&d/telephone/handler')) == 'wss://a"b<c>&d/telephone/handler'
 
 
 async def test_incoming_call_under_a_mount_prefix_connects_the_call(serve):

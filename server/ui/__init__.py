@@ -1,19 +1,22 @@
-"""The Gradio `/ui`: an auto-generated page for any `Stream`.
+"""The Gradio `/ui`: an auto-generated page for any stream.
 
-`attach_ui(stream)` mounts a tiny ASGI app at `/ui`. Nothing Gradio is imported or built
+`LazyGradioUI(backend)` is a tiny ASGI app for `/ui`. Nothing Gradio is imported or built
 until the first request under `/ui`: then the Blocks are built (in a worker thread, so live
 connections on the event loop keep flowing), mounted with `gr.mount_gradio_app`, and
 Gradio's own lifespan (its queue) is started; every later request goes straight to the
 Gradio app, exactly as if it had been mounted eagerly.
 
-The page's media never goes through Gradio: a small WebRTC client (JavaScript inside a
-`gr.HTML` panel) posts its offer to the stream's own `POST /webrtc/offer`, like any other
-client, creating the "text" data channel first. Python only sees the connection's
-`webrtc_id` (kept in a hidden textbox): additional inputs are pushed with
-`stream.set_input(webrtc_id, *values)` on every change (and once at connect, and whenever
+The page's media never goes through Gradio: a small WebRTC client (`static/panel.js`, inside
+a `gr.HTML` panel) makes its offer through its own Gradio session (a server function), which
+opens the connection like any other and binds its `webrtc_id` to that page. Python only sees
+the connection's `webrtc_id` (kept in a hidden textbox): additional inputs are pushed with
+`registry.set_input(webrtc_id, *values)` on every change (and once at connect, and whenever
 the server asks with `send_input`); additional outputs come from
-`stream.output_stream(webrtc_id)` through `additional_outputs_handler(*previous, *new)`,
+`registry.output_stream(webrtc_id)` through `additional_outputs_handler(*previous, *new)`,
 FastRTC's merge semantics, in a Gradio generator event started at connect.
+
+The UI depends on the session registry and the configuration only; how to make a WebRTC
+connection is handed to it (`PageBackend`), so it imports no front end.
 """
 
 from __future__ import annotations
@@ -27,10 +30,16 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .stream import Stream
+    from fastapi.responses import JSONResponse
+
+    from ..config import StreamConfig
+    from ..registry import SessionRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -38,20 +47,35 @@ UI_PATH = "/ui"
 OUTPUT_MIN_INTERVAL_S = 0.1  # additional outputs reach the page at most ~10 times a second
 
 
-def attach_ui(stream: Stream) -> None:
-    """Mount the stream's Gradio interface at `/ui` (built lazily, on the first request).
-    The stream's lifespan closes it."""
-    ui = LazyGradioUI(stream)
-    stream.ui_app = ui  # type: ignore[attr-defined]
-    # `Stream.mount` is FastRTC's (app, path) signature: mount through the router instead.
-    stream.router.mount(UI_PATH, app=ui, name="ui")
+STATIC = Path(__file__).parent / "static"
+
+
+def _static(name: str) -> str:
+    return (STATIC / name).read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class PageBackend:
+    """What the `/ui` page needs of its stream."""
+
+    registry: SessionRegistry
+    config: StreamConfig
+    # (webrtc_id, sdp) -> the offer's answer, as `POST /webrtc/offer` gives it
+    offer: Callable[[str, str], Awaitable[JSONResponse]]
+    # (webrtc_id, candidate) -> FastRTC's result for a trickled ICE candidate
+    candidate: Callable[[str, dict[str, Any] | None], Awaitable[JSONResponse]]
+    # sdp -> what is wrong with it for this stream, or None
+    check_offer: Callable[[str], str | None]
+    max_offer_bytes: int = 256 * 1024
+    # Gradio checks its parent's middleware for a CORS policy: show it the stream's.
+    middleware: list[Any] = field(default_factory=list)
 
 
 class LazyGradioUI:
     """ASGI app at `/ui`: builds the Gradio app on first use, then delegates to it."""
 
-    def __init__(self, stream: Stream) -> None:
-        self.stream = stream
+    def __init__(self, backend: PageBackend) -> None:
+        self.backend = backend
         self.blocks: Any = None
         self.gradio_app: Any = None
         self.build_seconds: float | None = None
@@ -97,10 +121,10 @@ class LazyGradioUI:
             from fastapi import FastAPI
             from starlette.routing import Mount
 
-            blocks = build_blocks(self.stream, loop)
+            blocks = build_blocks(self.backend, loop)
             holder = FastAPI()
             # Gradio checks its parent's middleware for a CORS policy: show it the stream's.
-            holder.user_middleware = self.stream.user_middleware
+            holder.user_middleware = self.backend.middleware
             gr.mount_gradio_app(
                 holder,
                 blocks,
@@ -132,7 +156,7 @@ DEFAULT_TITLES = {
 }
 
 
-def _client_config(stream: Stream) -> dict[str, Any]:
+def _client_config(stream: StreamConfig) -> dict[str, Any]:
     rtc = stream.rtc_configuration
     tc = stream.track_constraints
     return {
@@ -155,7 +179,7 @@ def _safe_text(text: Any) -> str:
     return out
 
 
-def _panel_html(stream: Stream) -> str:
+def _panel_html(stream: StreamConfig) -> str:
     cfg = _client_config(stream)
     sends = stream.mode in ("send-receive", "send")
     receives = stream.mode in ("send-receive", "receive")
@@ -197,238 +221,14 @@ def _panel_html(stream: Stream) -> str:
     return "".join(parts)
 
 
-PANEL_CSS = """
-.brtc { display: flex; flex-direction: column; gap: 10px; }
-.brtc-media { display: flex; gap: 10px; flex-wrap: wrap; }
-.brtc-fig { flex: 1 1 240px; margin: 0; display: flex; flex-direction: column; gap: 4px; }
-.brtc-fig video { width: 100%; max-height: 60vh; aspect-ratio: 4 / 3; background: #111; border-radius: 8px; object-fit: contain; }
-.brtc-fig figcaption { font-size: 0.85em; color: var(--body-text-color-subdued); text-align: center; }
-.brtc-meters { display: flex; flex-direction: column; gap: 6px; padding: 8px 0; }
-.brtc-meter { display: flex; align-items: center; gap: 10px; }
-.brtc-meter span { width: 90px; font-size: 0.9em; color: var(--body-text-color-subdued); }
-.brtc-bar { flex: 1; height: 14px; background: var(--block-background-fill, #eee); border: 1px solid var(--border-color-primary); border-radius: 7px; overflow: hidden; }
-.brtc-fill { height: 100%; width: 0%; background: var(--color-accent, #f97316); transition: width 0.08s linear; }
-.brtc-controls { display: flex; align-items: center; gap: 10px; }
-.brtc-toggle { padding: 8px 22px; border-radius: var(--button-large-radius, 8px); border: none; cursor: pointer; font-weight: 600; background: var(--button-primary-background-fill, #f97316); color: var(--button-primary-text-color, white); }
-.brtc-toggle:disabled { opacity: 0.6; cursor: wait; }
-.brtc[data-state="connecting"] .brtc-toggle, .brtc[data-state="streaming"] .brtc-toggle { background: var(--button-secondary-background-fill, #e5e7eb); color: var(--button-secondary-text-color, #111); }
-.brtc-dot { width: 10px; height: 10px; border-radius: 50%; background: #9ca3af; }
-.brtc[data-state="connecting"] .brtc-dot { background: #f59e0b; }
-.brtc[data-state="streaming"] .brtc-dot { background: #22c55e; }
-.brtc[data-state="error"] .brtc-dot { background: #ef4444; }
-.brtc-status { font-weight: 600; }
-.brtc-log { list-style: none; margin: 0; padding: 0; font-family: var(--font-mono, monospace); font-size: 0.8em; color: var(--body-text-color-subdued); max-height: 9em; overflow: hidden; }
-.brtc-log .brtc-error { color: #ef4444; }
-.brtc-log .brtc-warning { color: #d97706; }
-"""
+PANEL_CSS = _static("panel.css")
 
 # The WebRTC client. Runs once per page load with `element` (the panel), `trigger` (fires a
 # Gradio event on the panel with data) and `props` (our config under `props.rtc`).
-PANEL_JS = r"""
-const cfg = props.rtc || {};
-const q = (s) => element.querySelector(s);
-const root = q('.brtc'), btn = q('.brtc-toggle'), statusEl = q('.brtc-status'), logEl = q('.brtc-log');
-const localVideo = q('.brtc-local-video'), remoteVideo = q('.brtc-remote-video'), remoteAudio = q('.brtc-remote-audio');
-const micFill = q('.brtc-meter-mic .brtc-fill'), replyFill = q('.brtc-meter-reply .brtc-fill');
-const state = {status: 'Idle', webrtcId: null, logs: [], errors: [], messages: [], connectionState: 'new',
-  micLevel: 0, replyLevel: 0, maxMicLevel: 0, maxReplyLevel: 0};
-element.batchrtc = state;
-window.batchrtcUI = state;
-const LOG_TEXT = {started_talking: 'Started talking', pause_detected: 'Pause detected', response_starting: 'Responding'};
-let pc = null, dc = null, localStream = null, audioCtx = null, timer = null, meters = {};
-
-function setStatus(text, kind) {
-  state.status = text; statusEl.textContent = text;
-  if (kind) root.dataset.state = kind;
-}
-function addLog(text, cls) {
-  state.logs.push(text);
-  const li = document.createElement('li');
-  li.textContent = new Date().toLocaleTimeString() + '  ' + text;
-  if (cls) li.className = cls;
-  logEl.prepend(li);
-  while (logEl.children.length > 6) logEl.lastChild.remove();
-}
-function constraints() {
-  const tc = cfg.track_constraints;
-  const split = tc && typeof tc === 'object' && ('video' in tc || 'audio' in tc);
-  const pick = (kind) => {
-    if (split) return tc[kind] === undefined ? defaults(kind) : tc[kind];
-    if (tc && typeof tc === 'object' && kind === (cfg.video ? 'video' : 'audio')) return tc;
-    return defaults(kind);
-  };
-  const defaults = (kind) => kind === 'audio' ? {echoCancellation: true, noiseSuppression: true, autoGainControl: true} : true;
-  return {video: cfg.video ? pick('video') : false, audio: cfg.audio ? pick('audio') : false};
-}
-function meter(stream) {
-  if (!audioCtx) return null;
-  const src = audioCtx.createMediaStreamSource(stream);
-  const an = audioCtx.createAnalyser();
-  an.fftSize = 1024;
-  src.connect(an);
-  return {src, an, buf: new Float32Array(an.fftSize)};
-}
-function level(m) {
-  if (!m) return 0;
-  m.an.getFloatTimeDomainData(m.buf);
-  let s = 0;
-  for (let i = 0; i < m.buf.length; i++) s += m.buf[i] * m.buf[i];
-  return Math.sqrt(s / m.buf.length);
-}
-function tick() {
-  state.micLevel = level(meters.mic); state.replyLevel = level(meters.reply);
-  state.maxMicLevel = Math.max(state.maxMicLevel, state.micLevel);
-  state.maxReplyLevel = Math.max(state.maxReplyLevel, state.replyLevel);
-  if (micFill) micFill.style.width = Math.min(100, state.micLevel * 400) + '%';
-  if (replyFill) replyFill.style.width = Math.min(100, state.replyLevel * 400) + '%';
-}
-function refusal(body, status) {
-  const meta = (body && body.meta) || {};
-  if (meta.error === 'concurrency_limit_reached') return 'Server busy: at most ' + meta.limit + ' connection(s)';
-  if (meta.error) return meta.error + (meta.detail ? ': ' + meta.detail : '');
-  return 'offer refused (HTTP ' + status + ')';
-}
-function gathered(conn, ms) {
-  if (conn.iceGatheringState === 'complete') return Promise.resolve();
-  return new Promise((resolve) => {
-    const done = () => { conn.removeEventListener('icegatheringstatechange', check); resolve(); };
-    const check = () => { if (conn.iceGatheringState === 'complete') done(); };
-    conn.addEventListener('icegatheringstatechange', check);
-    setTimeout(done, ms);
-  });
-}
-function onMessage(raw) {
-  let m;
-  try { m = JSON.parse(raw); } catch (e) { return; }
-  state.messages.push(m);
-  if (state.messages.length > 200) state.messages.shift();
-  if (m.type === 'log') {
-    const text = LOG_TEXT[m.data];
-    if (text) { setStatus(text); addLog(text); }
-  } else if (m.type === 'error') {
-    state.errors.push(m.message); addLog('Error: ' + m.message, 'brtc-error');
-  } else if (m.type === 'warning') {
-    addLog('Warning: ' + m.message, 'brtc-warning');
-  } else if (m.type === 'send_input') {
-    if (state.webrtcId) trigger('submit', {webrtc_id: state.webrtcId});
-  } else if (m.type === 'end_stream') {
-    stop(m.data ? String(m.data) : 'Stream ended');
-  }
-}
-function onTrack(track) {
-  const s = new MediaStream([track]);
-  if (track.kind === 'video' && remoteVideo) {
-    remoteVideo.srcObject = s; remoteVideo.play().catch(() => {});
-  } else if (track.kind === 'audio' && remoteAudio) {
-    remoteAudio.srcObject = s; remoteAudio.play().catch(() => {});
-    meters.reply = meter(s);
-  }
-}
-async function start() {
-  if (pc) return;
-  btn.disabled = true;
-  setStatus('Connecting…', 'connecting');
-  const conn = new RTCPeerConnection(Object.assign({iceServers: []}, cfg.rtc_configuration || {}));
-  pc = conn;
-  try {
-    if (cfg.rtc_configuration_dynamic && server && server.rtc_configuration) {
-      const dyn = await server.rtc_configuration(null);
-      if (dyn && typeof dyn === 'object') conn.setConfiguration(Object.assign({iceServers: []}, dyn));
-    }
-    if (cfg.audio) {
-      audioCtx = new (window.AudioContext || window.webkitAudioContext)();
-      audioCtx.resume().catch(() => {});
-    }
-    dc = conn.createDataChannel('text');  // before the offer, as the server expects
-    dc.onmessage = (e) => onMessage(e.data);
-    dc.onclose = () => { if (pc === conn && state.webrtcId) stop('Connection closed'); };
-    conn.ontrack = (e) => onTrack(e.track);
-    conn.onconnectionstatechange = () => {
-      state.connectionState = conn.connectionState;
-      if (pc !== conn) return;
-      if (conn.connectionState === 'connected') setStatus(cfg.video ? 'Streaming' : 'Listening', 'streaming');
-      else if (conn.connectionState === 'failed') fail(new Error('connection failed'));
-    };
-    if (cfg.mode !== 'receive') {
-      if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia)
-        throw new Error('camera and microphone need HTTPS or localhost');
-      localStream = await navigator.mediaDevices.getUserMedia(constraints());
-      if (pc !== conn) { localStream.getTracks().forEach((t) => t.stop()); return; }
-      if (localVideo) localVideo.srcObject = localStream;
-      if (cfg.audio && localStream.getAudioTracks().length) meters.mic = meter(localStream);
-      const direction = cfg.mode === 'send' ? 'sendonly' : 'sendrecv';
-      for (const t of localStream.getTracks()) conn.addTransceiver(t, {direction, streams: [localStream]});
-    } else {
-      if (cfg.video) conn.addTransceiver('video', {direction: 'recvonly'});
-      if (cfg.audio) conn.addTransceiver('audio', {direction: 'recvonly'});
-    }
-    timer = setInterval(tick, 100);
-    const late = [];
-    let answered = false, offered = false, id = null;
-    // Offer and candidates go through this page's own Gradio session (server functions),
-    // which binds the connection to the page: other pages cannot drive it.
-    const postCandidate = (c) => server.ui_candidate({webrtc_id: id, candidate: c}).catch(() => {});
-    conn.onicecandidate = (e) => {
-      if (!e.candidate || !offered) return;  // gathered before the offer: already in its SDP
-      if (answered) postCandidate(e.candidate.toJSON()); else late.push(e.candidate.toJSON());
-    };
-    await conn.setLocalDescription(await conn.createOffer());
-    await gathered(conn, 2000);
-    if (pc !== conn) return;
-    const sdp = conn.localDescription.sdp;
-    offered = true;
-    let body = null;
-    try { body = await server.ui_offer({sdp, type: 'offer'}); } catch (e) { throw new Error('offer failed: ' + ((e && e.message) || e)); }
-    if (!body || body.status === 'failed' || !body.sdp) throw new Error(refusal(body, body && body._status));
-    id = body.webrtc_id;
-    if (pc !== conn) { server.ui_stop({webrtc_id: id}).catch(() => {}); return; }
-    await conn.setRemoteDescription({type: body.type || 'answer', sdp: body.sdp});
-    answered = true;
-    late.splice(0).forEach(postCandidate);
-    state.webrtcId = id;
-    root.dataset.webrtcId = id;
-    btn.textContent = 'Stop';
-    btn.disabled = false;
-    if (conn.connectionState !== 'connected') setStatus('Connecting…', 'connecting');
-    addLog('Connected (' + id.slice(0, 8) + ')');
-    trigger('play', {webrtc_id: id});
-  } catch (err) {
-    if (pc === conn) fail(err);
-  }
-}
-function stop(reason, kind) {
-  const id = state.webrtcId;
-  const conn = pc;
-  pc = null; dc = null;
-  if (conn) { try { conn.close(); } catch (e) {} }
-  if (localStream) localStream.getTracks().forEach((t) => t.stop());
-  localStream = null;
-  for (const el of [localVideo, remoteVideo, remoteAudio]) if (el) el.srcObject = null;
-  for (const k in meters) { try { meters[k].src.disconnect(); } catch (e) {} }
-  meters = {};
-  if (timer) clearInterval(timer);
-  timer = null;
-  tick();
-  if (audioCtx) { audioCtx.close().catch(() => {}); audioCtx = null; }
-  state.webrtcId = null;
-  delete root.dataset.webrtcId;
-  btn.textContent = 'Start';
-  btn.disabled = false;
-  setStatus(reason || 'Stopped', kind || 'idle');
-  if (id) { addLog(reason || 'Stopped'); server.ui_stop({webrtc_id: id}).catch(() => {}); }
-}
-function fail(err) {
-  const text = 'Error: ' + ((err && err.message) || err);
-  state.errors.push(text);
-  stop(text, 'error');
-  addLog(text, 'brtc-error');
-}
-btn.addEventListener('click', () => { if (pc) stop(); else start(); });
-window.addEventListener('pagehide', () => { if (pc) stop('Page closed'); });
-"""
+PANEL_JS = _static("panel.js")
 
 
-def _title_html(stream: Stream) -> str | None:
+def _title_html(stream: StreamConfig) -> str | None:
     args = stream.ui_args or {}
     if args.get("hide_title"):
         return None
@@ -444,12 +244,7 @@ def _title_html(stream: Stream) -> str | None:
     return "".join(out)
 
 
-HEADER_CSS = """
-.brtc-header { text-align: center; padding: 4px 0 8px; }
-.brtc-header h1 { margin: 0; font-size: 1.8em; }
-.brtc-subtitle { margin: 4px 0 0; color: var(--body-text-color-subdued); }
-.brtc-icon { height: 48px; display: block; margin: 0 auto 6px; }
-"""
+HEADER_CSS = _static("header.css")
 
 
 def _component(gr: Any, obj: Any, index: int, kind: str) -> Any:
@@ -464,10 +259,10 @@ def _component(gr: Any, obj: Any, index: int, kind: str) -> Any:
     return gr.Textbox(value="", label=f"output {index}", interactive=False)
 
 
-def _page_functions(stream: Stream, owners: dict[str, str], gr: Any) -> list[Any]:
+def _page_functions(backend: PageBackend, owners: dict[str, str], gr: Any) -> list[Any]:
     """Server functions the page calls through its own Gradio session (`server.ui_offer(...)`
-    in PANEL_JS): the connection is made and bound to that session (page) here."""
-    from .webrtc import MAX_OFFER_BYTES, add_candidate, check_offer_sdp, negotiate
+    in panel.js): the connection is made and bound to that session (page) here."""
+    registry = backend.registry
 
     async def page_of(request: Any) -> str | None:
         # Gradio hands server functions the raw request; its JSON body (already read and
@@ -489,9 +284,9 @@ def _page_functions(stream: Stream, owners: dict[str, str], gr: Any) -> list[Any
         """The page's WebRTC offer, made through its own Gradio session: the server picks
         an unguessable `webrtc_id` and binds it to this page."""
         sdp = data.get("sdp") if isinstance(data, dict) else None
-        if not isinstance(sdp, str) or not sdp.strip() or len(sdp) > MAX_OFFER_BYTES:
+        if not isinstance(sdp, str) or not sdp.strip() or len(sdp) > backend.max_offer_bytes:
             return {"status": "failed", "meta": {"error": "invalid_sdp", "detail": "an offer needs an 'sdp' string"}}
-        problem = check_offer_sdp(sdp, stream.modality, stream.allow_extra_tracks)
+        problem = backend.check_offer(sdp)
         if problem is not None:
             return {"status": "failed", "meta": {"error": "invalid_sdp", "detail": problem}}
         page = await page_of(request)
@@ -499,9 +294,9 @@ def _page_functions(stream: Stream, owners: dict[str, str], gr: Any) -> list[Any
             return {"status": "failed", "meta": {"error": "unknown_page", "detail": "no Gradio session"}}
         webrtc_id = secrets.token_urlsafe(18)
         owners[webrtc_id] = page
-        response = await negotiate(stream, webrtc_id, sdp)
+        response = await backend.offer(webrtc_id, sdp)
         body = json.loads(bytes(response.body))
-        session = stream.sessions.get(webrtc_id)
+        session = registry.get(webrtc_id)
         if session is None:
             owners.pop(webrtc_id, None)
             body["_status"] = response.status_code
@@ -513,7 +308,7 @@ def _page_functions(stream: Stream, owners: dict[str, str], gr: Any) -> list[Any
         wid = data.get("webrtc_id") if isinstance(data, dict) else None
         if not isinstance(wid, str) or not await owned(wid, request):
             return {"status": "failed", "meta": {"error": "unknown_connection"}}
-        response = await add_candidate(stream, wid, data.get("candidate"))
+        response = await backend.candidate(wid, data.get("candidate"))
         return json.loads(bytes(response.body))
 
     async def ui_stop(data: Any, request: gr.Request) -> None:
@@ -521,7 +316,7 @@ def _page_functions(stream: Stream, owners: dict[str, str], gr: Any) -> list[Any
         the server a while to notice) so its concurrency slot is free at once."""
         wid = data.get("webrtc_id") if isinstance(data, dict) else None
         if isinstance(wid, str) and await owned(wid, request):
-            session = stream.sessions.get(wid)
+            session = registry.get(wid)
             if session is not None:
                 await session.close("client stopped")
 
@@ -530,11 +325,13 @@ def _page_functions(stream: Stream, owners: dict[str, str], gr: Any) -> list[Any
     return [ui_offer, ui_candidate, ui_stop]
 
 
-def build_blocks(stream: Stream, loop: asyncio.AbstractEventLoop | None = None) -> Any:
+def build_blocks(backend: PageBackend, loop: asyncio.AbstractEventLoop | None = None) -> Any:
     """Build the Gradio Blocks of `/ui` (called on the first request to `/ui`)."""
     import gradio as gr
 
-    from .stream import UnknownConnection
+    from ..registry import UnknownConnection
+
+    stream, registry = backend.config, backend.registry
 
     args = stream.ui_args or {}
     title = str(args.get("title") or DEFAULT_TITLES.get(stream.modality, "Stream"))
@@ -543,7 +340,7 @@ def build_blocks(stream: Stream, loop: asyncio.AbstractEventLoop | None = None) 
     has_side = bool(stream.additional_inputs or stream.additional_outputs)
 
     owners: dict[str, str] = {}  # webrtc_id -> the Gradio session (page) that made it
-    server_functions = _page_functions(stream, owners, gr)
+    server_functions = _page_functions(backend, owners, gr)
     if callable(stream.rtc_configuration):
         server_functions.append(_rtc_configuration_fn(stream, loop))
 
@@ -588,7 +385,7 @@ def build_blocks(stream: Stream, loop: asyncio.AbstractEventLoop | None = None) 
             if not webrtc_id or not n_in:
                 return
             try:
-                stream.set_input(webrtc_id, *values)
+                registry.set_input(webrtc_id, *values)
             except UnknownConnection:
                 pass  # stopped meanwhile
 
@@ -617,7 +414,7 @@ def build_blocks(stream: Stream, loop: asyncio.AbstractEventLoop | None = None) 
             ]
             try:
                 push(webrtc_id, list(values[:n_in]))
-                stream_iter = stream.output_stream(webrtc_id)
+                stream_iter = registry.output_stream(webrtc_id)
             except UnknownConnection:
                 yield pack("", skip)
                 return
@@ -625,7 +422,7 @@ def build_blocks(stream: Stream, loop: asyncio.AbstractEventLoop | None = None) 
             if not outputs or merge is None:
                 # Nothing to show: leave the outputs to other readers; wait for the end.
                 await stream_iter.aclose()
-                session = stream.sessions.get(webrtc_id)
+                session = registry.get(webrtc_id)
                 if session is not None:
                     await session.closed.wait()
                 yield pack("", skip)
@@ -695,7 +492,7 @@ def build_blocks(stream: Stream, loop: asyncio.AbstractEventLoop | None = None) 
     return blocks
 
 
-def _rtc_configuration_fn(stream: Stream, loop: asyncio.AbstractEventLoop | None) -> Any:
+def _rtc_configuration_fn(stream: StreamConfig, loop: asyncio.AbstractEventLoop | None) -> Any:
     """`rtc_configuration` given as a callable (FastRTC allows sync or async, no arguments):
     called for each connection from the page through a Gradio server function."""
 

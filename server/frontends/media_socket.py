@@ -1,4 +1,5 @@
-"""The WebSocket front end (FastRTC's `/websocket/offer` protocol; also Twilio-style phone).
+"""Audio over a WebSocket: FastRTC's `/websocket/offer` protocol and Twilio's Media Streams,
+the one protocol engine both the WebSocket and the telephone front ends serve.
 
 Client -> server JSON text frames by `event`: `start` (with `websocket_id`, or `streamSid` in
 phone mode), `media` (base64 mu-law at the handler's input rate; 8 kHz on the phone), `stop`,
@@ -23,28 +24,29 @@ import numpy as np
 from fastapi import WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
-from .codecs import ulaw_decode, ulaw_encode
-from .emit import pump_outputs
-from .handlers import DataChannel, StreamHandlerBase
-from .registry import Refused
-from .session import Session
-from .utils import RateLimitedLog, TokenBucket, call_on_loop, create_message, parse_json_message
+from ..codecs import ulaw_decode, ulaw_encode
+from ..emit import pump_outputs
+from ..handlers import DataChannel, StreamHandlerBase
+from ..limits import (
+    MAX_BYTES_BURST,
+    MAX_BYTES_PER_S,
+    MAX_MESSAGE_BURST,
+    MAX_MESSAGE_BYTES,
+    MAX_MESSAGES_PER_S,
+    MAX_SESSION_ID_CHARS,
+    START_TIMEOUT_S,
+)
+from ..registry import Refused
+from ..session import Session
+from ..utils import RateLimitedLog, TokenBucket, call_on_loop, create_message, parse_json_message
 
 if TYPE_CHECKING:
-    from .stream import Stream
+    from ..registry import SessionRegistry
 
 logger = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 1 << 20  # a 1 MiB text frame is ~8 s of 8 kHz audio; more is abuse
 SEND_QUEUE_SIZE = 256
 PLAYOUT_LEAD_S = 0.1  # how far ahead of real time reply audio may be sent
-START_TIMEOUT_S = 30.0  # a socket that never sends `start` is dropped, as FastRTC drops media-less peers
-# Per connection: 20 ms media frames are 50 messages a second. A client far above these
-# rates (a ping or garbage flood) is closed, so no single socket can take the event loop.
-MAX_MESSAGES_PER_S = 250.0
-MAX_MESSAGE_BURST = 500.0
-MAX_BYTES_PER_S = 2.0 * (1 << 20)
-MAX_BYTES_BURST = 8.0 * (1 << 20)
 
 
 class WebSocketChannel(DataChannel):
@@ -211,7 +213,8 @@ class _Connection:
             transport.close()
 
 
-async def handle_websocket(stream: Stream, ws: WebSocket, *, phone_mode: bool = False) -> None:
+async def serve_media_socket(registry: SessionRegistry, ws: WebSocket, *, phone_mode: bool = False) -> None:
+    """One WebSocket connection, from `accept` to close: `start` opens its session."""
     await ws.accept()
     conn = _Connection(ws)
     channel = conn.channel
@@ -267,9 +270,7 @@ async def handle_websocket(stream: Stream, ws: WebSocket, *, phone_mode: bool = 
                     conn.fatal(1008, str(session_id))
                     break
                 try:
-                    session = stream.open_session(
-                        session_id, channel, kind="telephone" if phone_mode else "websocket"
-                    )
+                    session = registry.open(session_id, channel, kind="telephone" if phone_mode else "websocket")
                 except Refused as r:
                     channel.send(json.dumps(r.body()))
                     conn.code, conn.reason = 1008, "refused"
@@ -315,8 +316,8 @@ def _stream_id(message: dict, phone_mode: bool) -> str | ValueError:
     else:
         sid = message.get("websocket_id")
         key = "websocket_id"
-    if not isinstance(sid, str) or not sid or len(sid) > 256:
-        return ValueError(f'"start" needs a non-empty string "{key}" (at most 256 characters)')
+    if not isinstance(sid, str) or not sid or len(sid) > MAX_SESSION_ID_CHARS:
+        return ValueError(f'"start" needs a non-empty string "{key}" (at most {MAX_SESSION_ID_CHARS} characters)')
     return sid
 
 

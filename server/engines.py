@@ -1,0 +1,106 @@
+"""The engines a stream uses, held explicitly: created and warmed in its lifespan, off the
+event loop; `/metrics` and `/health` read them from here (never by walking objects).
+
+An engine is a `DynamicBatcher` and what runs it: the shared Silero VAD engine (process-wide,
+one state table for every ReplyOnPause connection), a batched video handler (and its worker
+process), or any batcher the app registers itself (`register_batcher`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+import weakref
+from collections import Counter
+from typing import Any
+
+import torch
+
+from batching import DynamicBatcher, ProcessRunner
+from models.device import default_device
+
+from .video import BatchedHandler
+
+
+class EngineRegistry:
+    def __init__(self, handler: Any = None, *, uses_vad: bool = False) -> None:
+        self._lock = threading.Lock()
+        self.batched: BatchedHandler | None = handler if isinstance(handler, BatchedHandler) else None
+        self.uses_vad = uses_vad
+        self._extra: list[weakref.ref[DynamicBatcher]] = []
+
+    def register_batcher(self, batcher: DynamicBatcher) -> None:
+        """Also report `batcher` (one the app runs itself) on `/metrics` and `/health`. Held
+        weakly: it disappears from the reports when the app drops it."""
+        with self._lock:
+            self._extra.append(weakref.ref(batcher))
+
+    # -- lifespan ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Create and warm what the stream uses, off the event loop: the VAD engine's model
+        and state table, the batched handler's worker process (it loads its model there)."""
+        if self.batched is not None:
+            self.batched.start()
+        if self.uses_vad:
+            from .vad_engine import get_vad_engine
+
+            await asyncio.to_thread(get_vad_engine)
+
+    async def stop(self) -> None:
+        """Stop what this stream alone owns (the shared VAD engine outlives any one stream).
+        The batched handler is dropped, not just closed: served again, it starts afresh."""
+        if self.batched is not None:
+            await asyncio.to_thread(functools.partial(self.batched.close, restartable=True))
+
+    # -- what the reports read ---------------------------------------------------------------
+    def batchers(self) -> list[tuple[str, DynamicBatcher]]:
+        """(unique label, batcher) for every batcher this stream uses that exists now. Never
+        creates one (a scrape must not load a model)."""
+        found: list[DynamicBatcher] = []
+        if self.uses_vad:
+            from . import vad_engine
+
+            engine = vad_engine.current_vad_engine()
+            if engine is not None:
+                found.append(engine.batcher)
+        if self.batched is not None and self.batched.existing_batcher is not None:
+            found.append(self.batched.existing_batcher)
+        with self._lock:
+            alive = [r() for r in self._extra]
+            self._extra = [r for r, b in zip(self._extra, alive) if b is not None]
+        found.extend(b for b in alive if b is not None)
+        out: list[tuple[str, DynamicBatcher]] = []
+        seen: set[int] = set()
+        names: Counter[str] = Counter()
+        for b in found:
+            if id(b) in seen:
+                continue
+            seen.add(id(b))
+            names[b.name] += 1
+            out.append((b.name if names[b.name] == 1 else f"{b.name}#{names[b.name]}", b))
+        return out
+
+    def runner(self) -> tuple[str, ProcessRunner] | None:
+        """The batched handler's worker process, once it exists."""
+        if self.batched is None or self.batched.runner is None:
+            return None
+        return f"video:{self.batched.__name__}", self.batched.runner
+
+    def device(self) -> str:
+        """Where the models run: the VAD engine's or the batched handler's device."""
+        dev: Any = None
+        if self.uses_vad:
+            from . import vad_engine
+
+            engine = vad_engine.current_vad_engine()
+            dev = engine.device if engine is not None else None
+        if dev is None and self.batched is not None:
+            dev = self.batched.device
+        return device_label(torch.device(dev) if dev is not None else default_device())
+
+
+def device_label(dev: torch.device) -> str:
+    if dev.type == "cpu":
+        return "cpu"
+    return f"{dev.type}:{dev.index if dev.index is not None else 0}"

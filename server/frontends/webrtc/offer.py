@@ -1,0 +1,166 @@
+"""FastRTC's `POST /webrtc/offer`: check an offer, open its session, answer it.
+
+An offer is checked before anything is allocated for it: its body is capped, its SDP must
+parse and offer at least one media or data section, and (unless `allow_extra_tracks`) only
+the kinds of media the stream's modality takes. `type: "ice-candidate"` adds a trickled
+candidate to a connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.sdp import SessionDescription, candidate_from_sdp
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, ValidationError
+
+from ...limits import MAX_OFFER_BYTES
+from ...registry import Refused
+from ...request_body import read_json
+from .connection import WebRTCChannel, WebRTCConnection
+from .ice import pin_ice_hosts
+
+if TYPE_CHECKING:
+    from ...config import StreamConfig
+    from ...registry import SessionRegistry
+
+logger = logging.getLogger(__name__)
+
+MEDIA_KINDS = {"video": ("video",), "audio": ("audio",), "audio-video": ("audio", "video")}
+
+
+class OfferBody(BaseModel):
+    """FastRTC's offer body. `webrtc_id` is chosen by the client and is a bearer secret for
+    the session: make it random (the `/ui` page gets one from the server)."""
+
+    sdp: str | None = None
+    type: str
+    webrtc_id: str = Field(min_length=1, max_length=256)
+    candidate: dict[str, Any] | None = None
+
+
+OFFER_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": OfferBody.model_json_schema()}},
+    }
+}
+
+
+def _failed(error: str, status: int = 200, **meta: Any) -> JSONResponse:
+    return JSONResponse({"status": "failed", "meta": {"error": error, **meta}}, status_code=status)
+
+
+def rtc_configuration(config: dict[str, Any] | None) -> RTCConfiguration:
+    """The server's ICE configuration. Without one, no STUN server at all (aiortc would
+    otherwise contact a public STUN server); pass TURN/STUN via `server_rtc_configuration`."""
+    servers = []
+    for s in (config or {}).get("iceServers", []) or []:
+        servers.append(RTCIceServer(urls=s.get("urls"), username=s.get("username"), credential=s.get("credential")))
+    return RTCConfiguration(iceServers=servers)
+
+
+def router(registry: SessionRegistry, config: StreamConfig) -> APIRouter:
+    """`POST /webrtc/offer` for one stream."""
+    pin_ice_hosts(config.settings.ice_hosts)
+    r = APIRouter()
+
+    async def webrtc_offer(request: Request) -> JSONResponse:
+        raw = await read_json(request, MAX_OFFER_BYTES)
+        try:
+            body = OfferBody.model_validate(raw)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+        return await handle_offer(registry, config, body)
+
+    r.add_api_route("/webrtc/offer", webrtc_offer, methods=["POST"], openapi_extra=OFFER_OPENAPI)
+    return r
+
+
+def check_offer_sdp(sdp: str, modality: str, allow_extra_tracks: bool) -> str | None:
+    """What is wrong with an offer's SDP for this stream, or None. Cheap: nothing is
+    allocated before this passes."""
+    if "\x00" in sdp:
+        return "the SDP contains NUL bytes"
+    try:
+        desc = SessionDescription.parse(sdp)
+    except Exception as e:  # aiortc's parser raises plain exceptions on garbage
+        return f"the SDP does not parse: {type(e).__name__}: {e}"
+    kinds = [m.kind for m in desc.media]
+    if not kinds:
+        return "the SDP offers no media and no data channel (no m= section)"
+    unknown = [k for k in kinds if k not in ("audio", "video", "application")]
+    if unknown:
+        return f"the SDP offers unsupported media {unknown[0]!r}"
+    if not allow_extra_tracks:
+        for kind in kinds:
+            if kind != "application" and kind not in MEDIA_KINDS[modality]:
+                return f"Unsupported track kind '{kind}' for modality '{modality}'"
+    return None
+
+
+async def handle_offer(registry: SessionRegistry, config: StreamConfig, body: OfferBody) -> JSONResponse:
+    if body.type == "ice-candidate":
+        return await add_candidate(registry, body.webrtc_id, body.candidate)
+    if body.type != "offer":
+        return _failed("invalid_type", 400, detail=f"type must be 'offer' or 'ice-candidate', got {body.type!r}")
+    if not body.sdp or not body.sdp.strip():
+        return _failed("invalid_sdp", 400, detail="an offer needs a non-empty 'sdp'")
+    problem = check_offer_sdp(body.sdp, config.modality, config.allow_extra_tracks)
+    if problem is not None:
+        error = "unsupported_track_kind" if problem.startswith("Unsupported track kind") else "invalid_sdp"
+        return _failed(error, 400, detail=problem)
+    return await negotiate(registry, config, body.webrtc_id, body.sdp)
+
+
+async def negotiate(registry: SessionRegistry, config: StreamConfig, webrtc_id: str, sdp: str) -> JSONResponse:
+    """Open a session for an offer that passed `check_offer_sdp` and answer it."""
+    channel = WebRTCChannel(asyncio.get_running_loop())
+    try:
+        session = registry.open(webrtc_id, channel, kind="webrtc")
+    except Refused as r:
+        return JSONResponse(r.body())
+    except Exception as e:  # the handler's copy() raised: not the client's fault
+        logger.exception("could not open a session")
+        return _failed("negotiation_failed", 500, detail=f"{type(e).__name__}: {e}")
+    pc = RTCPeerConnection(rtc_configuration(config.server_rtc_configuration))
+    conn = WebRTCConnection(config, registry, session, pc, channel)
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+    except Exception as e:
+        # A failed offer leaves nothing behind: no session, no peer connection, no slot.
+        await session.close(f"bad offer: {type(e).__name__}")
+        return _failed("invalid_sdp", 400, detail=f"could not negotiate the offer: {str(e) or type(e).__name__}")
+    try:
+        await conn.start()
+        answer = await pc.createAnswer()
+        await pc.setLocalDescription(answer)
+    except Exception as e:  # not the SDP's fault: ours or the handler's
+        logger.exception("session %s: negotiation failed", session.log_id)
+        await session.close(f"negotiation failed: {type(e).__name__}")
+        return _failed("negotiation_failed", 500, detail=f"{type(e).__name__}: {e}")
+    return JSONResponse({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type})
+
+
+async def add_candidate(registry: SessionRegistry, webrtc_id: str, candidate: dict[str, Any] | None) -> JSONResponse:
+    session = registry.get(webrtc_id)
+    conn = getattr(session, "webrtc", None) if session else None
+    if conn is None:
+        return _failed("unknown_connection")
+    cand = candidate or {}
+    try:
+        text = cand["candidate"]
+        if not isinstance(text, str) or len(text) > 1024:
+            raise ValueError("candidate must be a string of at most 1024 characters")
+        ice = candidate_from_sdp(text.split(":", 1)[1] if text.startswith("candidate:") else text)
+        ice.sdpMid = cand.get("sdpMid")
+        ice.sdpMLineIndex = cand.get("sdpMLineIndex")
+        await conn.pc.addIceCandidate(ice)
+    except Exception as e:
+        return _failed("invalid_candidate_format", 400, detail=str(e)[:200])
+    return JSONResponse({"status": "success"})

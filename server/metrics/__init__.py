@@ -1,0 +1,87 @@
+"""`GET /metrics` (Prometheus text format) and `GET /health` for one stream.
+
+`collector.py` reads the stream's live state at scrape time, `state.py` keeps the totals that
+outlive sessions, `gpu.py` reads GPUs through NVML, `health.py` answers `/health`. A session reports into
+its stream's `StreamMetrics` through the two hooks below, which never raise.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .collector import MetricsSources, StreamCollector, build_registry
+from .health import health
+from .gpu import Nvml
+from .state import StreamMetrics
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MetricsSources",
+    "Nvml",
+    "StreamCollector",
+    "StreamMetrics",
+    "build_registry",
+    "health",
+    "record_handler_error",
+    "register_batcher",
+    "router",
+    "session_closed",
+]
+
+
+def _state_of(session: Any) -> StreamMetrics:
+    state = getattr(session, "metrics", None)
+    if state is None:  # a session-like object that only knows its stream
+        state = session.stream.stream_metrics
+    return state
+
+
+def record_handler_error(session: Any, exc: BaseException) -> None:
+    """Count a handler error of `session`, by front-end kind and class: ``warning`` (a
+    FastRTC `Warning`, shown to the user as a warning) or ``error`` (anything else)."""
+    try:
+        from ..utils import Warning as FastRTCWarning
+
+        _state_of(session).handler_error(str(getattr(session, "kind", "unknown")), isinstance(exc, FastRTCWarning))
+    except Exception:  # metrics must never hurt a session
+        logger.debug("record_handler_error failed", exc_info=True)
+
+
+def session_closed(session: Any) -> None:
+    """Fold a closing session's video counters into the lifetime total. Idempotent."""
+    try:
+        _state_of(session).retire(session)
+    except Exception:
+        logger.debug("session_closed failed", exc_info=True)
+
+
+def register_batcher(stream: Any, batcher: Any) -> None:
+    """Also report `batcher` (a `DynamicBatcher` the app runs itself) on `stream`'s
+    `/metrics` and `/health`. Held weakly."""
+    stream.engines.register_batcher(batcher)
+
+
+def router(sources: MetricsSources) -> APIRouter:
+    """`GET /metrics` and `GET /health` for one stream."""
+    registry = build_registry(sources)
+    r = APIRouter()
+
+    def metrics() -> Response:
+        # A sync route: Starlette runs it on its thread pool, so NVML queries and the
+        # percentile maths never run on the event loop.
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def health_route() -> JSONResponse:
+        status, body = health(sources)
+        return JSONResponse(body, status_code=status)
+
+    r.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
+    r.add_api_route("/health", health_route, methods=["GET"], name="health")
+    r.metrics_registry = registry  # type: ignore[attr-defined]
+    return r
