@@ -22,17 +22,19 @@ def host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-def stream_url(request: Request, public_url: str | None = None) -> str:
+def stream_url(request: Request, public_url: str | None = None, prefix: str | None = None) -> str:
     """The `wss://HOST/PATH/telephone/handler` URL for the call, from the webhook request.
 
     With `public_url` (`BATCHRTC_PUBLIC_URL`, e.g. `https://voice.example.com`) HOST comes
     from it: the call's audio always goes where the operator says. Without it, HOST is the
     request's Host header (a proxy in front, such as ngrok, passes the public host) -- which
     whoever calls the webhook controls, so set `BATCHRTC_PUBLIC_URL` in production. PATH is
-    the prefix the stream's routes are mounted under. Plain `ws://` only for a plain-http
-    request to this machine itself (local testing) or an http `public_url`."""
-    path = request.url.path
-    prefix = path[: -len(INCOMING_PATH)] if path.endswith(INCOMING_PATH) else ""
+    the prefix the stream's routes are mounted under (from the request's path unless given).
+    Plain `ws://` only for a plain-http request to this machine itself (local testing) or an
+    http `public_url`."""
+    if prefix is None:  # from the webhook request's own path
+        path = request.url.path
+        prefix = path[: -len(INCOMING_PATH)] if path.endswith(INCOMING_PATH) else ""
     prefix = prefix.rstrip("/")
     if public_url:
         parts = urlsplit(public_url)
