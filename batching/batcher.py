@@ -151,6 +151,9 @@ class DynamicBatcher(Generic[T, R]):
         self._producers = 0
         self._closed = False
         self._thread: threading.Thread | None = None
+        # Called on the worker thread after each flushed batch with (sources, queue waits in
+        # seconds, run seconds): per-batch metrics by whoever submitted (e.g. which process).
+        self.on_batch: Callable[[list[Hashable | None], list[float], float], None] | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -425,9 +428,17 @@ class DynamicBatcher(Generic[T, R]):
 
     def _run_batch(self, items: list[_Item], reason: str) -> None:
         t0 = time.monotonic()
-        self.stats.record_batch(len(items), reason, [t0 - it.enqueued_at for it in items])
+        waits = [t0 - it.enqueued_at for it in items]
+        self.stats.record_batch(len(items), reason, waits)
         self._run_bisect(items, first=True)
-        self.stats.record_run(time.monotonic() - t0)
+        run_s = time.monotonic() - t0
+        self.stats.record_run(run_s)
+        hook = self.on_batch
+        if hook is not None:
+            try:
+                hook([it.source for it in items], waits, run_s)
+            except Exception:  # a metrics hook must never stop the batcher
+                log.exception("batcher %r: on_batch hook failed", self.name)
 
     def _run_bisect(self, items: list[_Item], first: bool) -> None:
         """Call fn on ``items``; on failure retry each half, so only faulty items get the error.

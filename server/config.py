@@ -88,6 +88,11 @@ class Settings:
     # Pin ICE host candidates to these addresses (aioice otherwise offers every interface but
     # loopback): `BATCHRTC_ICE_HOSTS=127.0.0.1` for tests and benchmarks on loopback.
     ice_hosts: tuple[str, ...] = ()
+    # Where the batchers run: "auto" (in an engine process when uvicorn runs several workers,
+    # in-process otherwise), "process" or "inprocess"; see server/engine/.
+    engine: str = "auto"
+    # Shared memory one front-end process may hold for payloads in flight to the engine.
+    engine_shm_mb: int = 1024
 
 
 def load_settings() -> Settings:
@@ -97,6 +102,9 @@ def load_settings() -> Settings:
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"BATCHRTC_PUBLIC_URL must be an http(s) URL like https://example.com, got {public!r}")
     vad_threads = os.environ.get("BATCHRTC_VAD_THREADS", "").strip()
+    engine = os.environ.get("BATCHRTC_ENGINE", "").strip().lower() or "auto"
+    if engine not in ("auto", "process", "inprocess"):
+        raise ValueError(f"BATCHRTC_ENGINE must be auto, process or inprocess, got {engine!r}")
     return Settings(
         concurrency=_int("BATCHRTC_CONCURRENCY", 0) or None,
         vad_max_batch=_int("BATCHRTC_VAD_MAX_BATCH", Settings.vad_max_batch),
@@ -111,6 +119,8 @@ def load_settings() -> Settings:
         handler_threads_lost=_int("BATCHRTC_HANDLER_THREADS_LOST", Settings.handler_threads_lost),
         public_url=public.rstrip("/") if public else None,
         ice_hosts=tuple(h.strip() for h in os.environ.get("BATCHRTC_ICE_HOSTS", "").split(",") if h.strip()),
+        engine=engine,
+        engine_shm_mb=_int("BATCHRTC_ENGINE_SHM_MB", Settings.engine_shm_mb),
     )
 
 

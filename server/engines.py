@@ -20,14 +20,17 @@ import torch
 from batching import DynamicBatcher, ProcessRunner
 from models.device import default_device
 
+from .engine import EngineClient, acquire_client, release_client, use_engine_process
 from .video import BatchedHandler
 
 
 class EngineRegistry:
-    def __init__(self, handler: Any = None, *, uses_vad: bool = False) -> None:
+    def __init__(self, handler: Any = None, *, uses_vad: bool = False, mode: str = "inprocess") -> None:
         self._lock = threading.Lock()
         self.batched: BatchedHandler | None = handler if isinstance(handler, BatchedHandler) else None
         self.uses_vad = uses_vad
+        self.mode = mode  # Settings.engine: auto, process or inprocess
+        self.client: EngineClient | None = None  # set while served with an engine process
         self._extra: list[weakref.ref[DynamicBatcher]] = []
 
     def register_batcher(self, batcher: DynamicBatcher) -> None:
@@ -37,9 +40,24 @@ class EngineRegistry:
             self._extra.append(weakref.ref(batcher))
 
     # -- lifespan ----------------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, *, shm_bytes: int = 1 << 30) -> None:
         """Create and warm what the stream uses, off the event loop: the VAD engine's model
-        and state table, the batched handler's worker process (it loads its model there)."""
+        and state table, the batched handler's worker process (it loads its model there).
+        In engine mode: connect to the engine process (starting it if none runs) and have it
+        load the batched handler and the VAD there instead."""
+        if use_engine_process(self.mode):
+            client = await acquire_client(shm_bytes=shm_bytes)
+            self.client = client
+            try:
+                if self.batched is not None:
+                    await client.register_handler(*self.batched.engine_spec())
+                if self.uses_vad:
+                    await client.call("warm_vad", timeout=client.start_timeout_s)
+            except BaseException:
+                self.client = None
+                await release_client()
+                raise
+            return
         if self.batched is not None:
             self.batched.start()
         if self.uses_vad:
@@ -50,6 +68,10 @@ class EngineRegistry:
     async def stop(self) -> None:
         """Stop what this stream alone owns (the shared VAD engine outlives any one stream).
         The batched handler is dropped, not just closed: served again, it starts afresh."""
+        if self.client is not None:
+            self.client = None
+            await release_client()
+            return
         if self.batched is not None:
             await asyncio.to_thread(functools.partial(self.batched.close, restartable=True))
 
@@ -89,6 +111,8 @@ class EngineRegistry:
 
     def device(self) -> str:
         """Where the models run: the VAD engine's or the batched handler's device."""
+        if self.client is not None:
+            return f"engine process (pid {self.client.engine_pid})"
         dev: Any = None
         if self.uses_vad:
             from . import vad_engine

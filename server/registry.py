@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from fastapi import HTTPException
@@ -22,6 +22,7 @@ from fastapi import HTTPException
 from .utils import create_message
 
 if TYPE_CHECKING:
+    from .engine import EngineClient
     from .handlers import DataChannel
     from .session import Session
 
@@ -75,6 +76,24 @@ class SessionRegistry(Mapping[str, "Session"]):
         self._capacity_check = capacity_check
         self.time_limit = time_limit
         self.verbose = verbose
+        # With an engine process: the registry shared by every worker (ids, the limit, which
+        # worker holds a session), and the operations other workers may ask of ours.
+        self.shared: EngineClient | None = None
+        self.remote_ops: dict[str, Callable[[str, Any], Awaitable[Any]]] = {"set_input": self._remote_set_input}
+
+    def attach_engine(self, client: EngineClient | None) -> None:
+        """Share ids, the limit and lookups with the other workers through `client` (None: alone)."""
+        self.shared = client
+        if client is not None:
+            client.local_ops.update(self.remote_ops)
+            client.local_stream = self.output_stream
+
+    async def _remote_set_input(self, webrtc_id: str, args: Any) -> None:
+        self.session(webrtc_id).set_input(list(args))
+
+    def held_elsewhere(self, webrtc_id: str) -> bool:
+        """Another worker holds a session `webrtc_id` (as far as this one has heard)."""
+        return self.shared is not None and webrtc_id not in self._active and webrtc_id in self.shared.remote_ids
 
     # -- Mapping ---------------------------------------------------------------------------
     def __getitem__(self, webrtc_id: str) -> Session:
@@ -106,6 +125,23 @@ class SessionRegistry(Mapping[str, "Session"]):
         self.admit(session.webrtc_id)
         self._active[session.webrtc_id] = session
 
+    async def open_shared(self, webrtc_id: str, channel: DataChannel, *, kind: str) -> Session:
+        """`open`, with the id and the limit checked across every worker first (engine mode)."""
+        shared = self.shared
+        if shared is None:
+            return self.open(webrtc_id, channel, kind=kind)
+        self.admit(webrtc_id)
+        refusal = await shared.claim(webrtc_id, self.limit)
+        if refusal == "connection_already_exists":
+            raise Refused({"error": refusal})
+        if refusal is not None:
+            raise Refused({"error": refusal, "limit": self.limit})
+        try:
+            return self.open(webrtc_id, channel, kind=kind)
+        except BaseException:
+            shared.release(webrtc_id)
+            raise
+
     def open(self, webrtc_id: str, channel: DataChannel, *, kind: str) -> Session:
         """Admit and register a connection, or raise `Refused` with FastRTC's refusal (any
         other exception: the handler's `copy()` failed). No await inside."""
@@ -134,17 +170,28 @@ class SessionRegistry(Mapping[str, "Session"]):
         return s
 
     def set_input(self, webrtc_id: str, *args: Any) -> None:
-        """A session's latest additional-input values (see `Stream.set_input`)."""
+        """A session's latest additional-input values (see `Stream.set_input`). A session held
+        by another worker gets them through the engine (in order, not awaited)."""
+        if self.held_elsewhere(webrtc_id):
+            assert self.shared is not None
+            self.shared.forward_nowait("set_input", webrtc_id, args)
+            return
         self.session(webrtc_id).set_input(list(args))
 
     def output_stream(self, webrtc_id: str) -> AsyncIterator[Any]:
-        """A session's `AdditionalOutputs` as they come, until it ends (see `Stream`)."""
+        """A session's `AdditionalOutputs` as they come, until it ends (see `Stream`), from
+        whichever worker holds it."""
+        if self.held_elsewhere(webrtc_id):
+            assert self.shared is not None
+            return self.shared.forward_stream(webrtc_id)
         return self.session(webrtc_id).output_stream()
 
     def remove(self, session: Session, teardown: asyncio.Task | None = None) -> None:
         """Called once by the session as it leaves ACTIVE."""
         if self._active.get(session.webrtc_id) is session:
             del self._active[session.webrtc_id]
+            if self.shared is not None:
+                self.shared.release(session.webrtc_id)
         if teardown is not None and not teardown.done():
             self._closing.add(teardown)
             teardown.add_done_callback(self._closing.discard)

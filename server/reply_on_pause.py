@@ -25,6 +25,7 @@ import numpy as np
 from .handlers import AsyncStreamHandler, EmitType
 from .pause_detection import ModelOptions, PauseDetectionModel, SileroVadOptions, speech_timestamps
 from .utils import call_on_loop, create_message, to_mono
+from .engine import EngineTimeout, EngineUnavailable
 from .vad_engine import VAD_RATE, VADStream, get_vad_engine
 
 logger = logging.getLogger(__name__)
@@ -202,7 +203,16 @@ class ReplyOnPause(AsyncStreamHandler):
         return speech_seconds(await self._vad.process(mono), self.model_options)
 
     async def _on_chunk(self, sr: int, chunk: np.ndarray) -> None:
-        dur = await self._speech_seconds(sr, to_mono(chunk) if chunk.ndim == 2 else chunk)
+        try:
+            dur = await self._speech_seconds(sr, to_mono(chunk) if chunk.ndim == 2 else chunk)
+        except (EngineUnavailable, EngineTimeout) as e:
+            # The engine process is restarting: this chunk was not judged. Keep it (if a turn
+            # is under way) and decide on the next one; the VAD restarts from zero state.
+            logger.warning("ReplyOnPause: a chunk was not judged: %s", e)
+            if self._state.started_talking:
+                self._state.utterance.append(chunk)
+                self._state.utterance_len += chunk.shape[-1]
+            return
         st = self._state
         algo = self.algo_options
         if dur > algo.started_talking_threshold and not st.started_talking:

@@ -88,7 +88,8 @@ class Stream(FastAPI):
         settings = self.config.settings
         self.pool = HandlerPool(settings.handler_threads, settings.handler_threads_lost)
         self.stream_metrics = metrics.StreamMetrics()
-        self.engines = EngineRegistry(handler, uses_vad=isinstance(handler, ReplyOnPause) and handler.model is None)
+        self.engines = EngineRegistry(handler, uses_vad=isinstance(handler, ReplyOnPause) and handler.model is None,
+                                      mode=settings.engine)
         self.registry = SessionRegistry(
             self.config.concurrency_limit,
             factory=self._new_session,
@@ -208,7 +209,8 @@ class Stream(FastAPI):
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
-        await self.engines.start()
+        await self.engines.start(shm_bytes=self.config.settings.engine_shm_mb << 20)
+        self.registry.attach_engine(self.engines.client)
         if self.config.verbose:
             self._announce()
         try:
@@ -216,6 +218,7 @@ class Stream(FastAPI):
         finally:
             await self.registry.close_all("server shutdown")
             await self.ui_app.aclose()
+            self.registry.attach_engine(None)
             await self.engines.stop()
 
     def _announce(self) -> None:

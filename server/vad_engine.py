@@ -211,10 +211,11 @@ class VADStream:
         self.windows_done = 0
 
     async def process(
-        self, samples: np.ndarray, *, latency_budget_s: float = LATENCY_BUDGET_S
+        self, samples: np.ndarray, *, latency_budget_s: float = LATENCY_BUDGET_S, source: object = None
     ) -> np.ndarray:
         """Feed mono samples (int16 or float in [-1, 1]); returns one probability per
-        512-sample window completed at 16 kHz (possibly none)."""
+        512-sample window completed at 16 kHz (possibly none). `source`: who sent it (the
+        engine process passes the front-end worker, for its per-batch metrics)."""
         if self.closed:
             raise RuntimeError("VAD stream is closed")
         x = np.asarray(samples)
@@ -239,7 +240,7 @@ class VADStream:
             )
             try:
                 probs = await self.engine.batcher.submit(
-                    work, deadline=time.monotonic() + latency_budget_s
+                    work, deadline=time.monotonic() + latency_budget_s, source=source
                 )
             except BaseException:
                 # Nothing was written back for this chunk: keep the bookkeeping in step.
@@ -264,8 +265,14 @@ _default_lock = threading.Lock()
 
 
 def get_vad_engine() -> VADEngine:
-    """The process-wide engine every `ReplyOnPause` shares (created on first use)."""
+    """The process-wide engine every `ReplyOnPause` shares (created on first use). While a
+    stream is served with an engine process, the engine process's VAD (same `open_stream`)."""
     global _default_engine
+    from .engine import engine_client
+
+    client = engine_client()
+    if client is not None:
+        return client.vad  # type: ignore[return-value]
     with _default_lock:
         if _default_engine is None:
             settings = load_settings()

@@ -136,11 +136,62 @@ class BatchedHandler:
     async def submit(self, frame: np.ndarray, args: tuple[Any, ...], source: Any = None) -> Any:
         """One frame in, its output back. Late frames are dropped (a newer one exists).
         `source` (the session) lets the batcher find whose frames kill or hang the handler's
-        process (see `DynamicBatcher.submit`); that session then gets `FaultySource`."""
+        process (see `DynamicBatcher.submit`); that session then gets `FaultySource`.
+        In engine mode the frame goes to the engine process's batcher (through shared memory)."""
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
             raise ValueError(f"video frames must be uint8 [H, W, 3]; got {frame.dtype} {frame.shape}")
+        client = self._engine()
+        if client is not None:
+            return await client.submit_video(self.engine_name, np.ascontiguousarray(frame), tuple(args),
+                                             _source_key(source), timeout=self.call_timeout_s)
         deadline = time.monotonic() + self.deadline_ms / 1000
         return await self.batcher.submit(_Frame(frame, args), deadline=deadline, drop_if_late=True, source=source)
+
+    # -- engine mode -------------------------------------------------------------------------
+    @property
+    def engine_name(self) -> str:
+        return f"{getattr(self.fn, '__module__', '?')}:{getattr(self.fn, '__qualname__', self.__name__)}"
+
+    def engine_spec(self) -> tuple[str, tuple[str, str], dict[str, Any]]:
+        """What the engine process needs to run this handler: its name, where to import it
+        from, and its batching settings."""
+        ref = _importable_ref(self.fn)
+        if ref is None:
+            raise ValueError(
+                f"batched handler {self.__name__!r}: with an engine process (uvicorn --workers N or "
+                "BATCHRTC_ENGINE=process) it must be a module-level function the engine can import"
+            )
+        cfg = {"max_batch_size": self.max_batch_size, "max_queue_delay_ms": self.max_queue_delay_ms,
+               "deadline_ms": self.deadline_ms, "max_queue_size": self.max_queue_size,
+               "device": str(self.device), "call_timeout_s": self.call_timeout_s}
+        return self.engine_name, ref, cfg
+
+    def _engine(self) -> Any:
+        from .engine import engine_client
+
+        return engine_client()
+
+    def add_producer(self) -> None:
+        """A session feeds this handler (see `DynamicBatcher.add_producer`)."""
+        client = self._engine()
+        if client is not None:
+            client.producer(self.engine_name, 1)
+        else:
+            self.batcher.add_producer()
+
+    def remove_producer(self) -> None:
+        client = self._engine()
+        if client is not None:
+            client.producer(self.engine_name, -1)
+        elif self._batcher is not None:
+            self._batcher.remove_producer()
+
+    def forget_source(self, source: Any) -> None:
+        client = self._engine()
+        if client is not None:
+            client.forget_source(self.engine_name, _source_key(source))
+        elif self._batcher is not None:
+            self._batcher.forget_source(source)
 
     def _run(self, items: list[_Frame]) -> list[Any]:
         shape = (len(items), *items[0].array.shape)
@@ -171,6 +222,11 @@ class BatchedHandler:
             batcher.close()
         if runner is not None:
             runner.close()
+
+
+def _source_key(source: Any) -> Any:
+    """What names a session in the engine process (the session itself does not travel)."""
+    return None if source is None else getattr(source, "log_id", None) or id(source)
 
 
 def _want_process(process: bool | None, device: torch.device) -> bool:

@@ -270,7 +270,7 @@ async def serve_media_socket(registry: SessionRegistry, ws: WebSocket, *, phone_
                     conn.fatal(1008, str(session_id))
                     break
                 try:
-                    session = registry.open(session_id, channel, kind="telephone" if phone_mode else "websocket")
+                    session = await registry.open_shared(session_id, channel, kind="telephone" if phone_mode else "websocket")
                 except Refused as r:
                     channel.send(json.dumps(r.body()))
                     conn.code, conn.reason = 1008, "refused"

@@ -7,6 +7,8 @@ its stream's `StreamMetrics` through the two hooks below, which never raise.
 
 from __future__ import annotations
 
+import asyncio
+
 import logging
 from typing import Any
 
@@ -75,10 +77,35 @@ def router(sources: MetricsSources) -> APIRouter:
     def metrics() -> Response:
         # A sync route: Starlette runs it on its thread pool, so NVML queries and the
         # percentile maths never run on the event loop.
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        text = generate_latest(registry)
+        client = sources.engines.client
+        if client is not None and client.loop is not None:
+            # The engine process's batchers and every worker's sessions: one scrape of any
+            # worker sees them all (its families are named batchrtc_engine_*).
+            try:
+                fut = asyncio.run_coroutine_threadsafe(client.metrics_text(), client.loop)
+                text += fut.result(timeout=client.hang_timeout_s).encode()
+            except Exception as e:
+                text += (b"# HELP batchrtc_engine_up The engine process answers (1).\n"
+                         b"# TYPE batchrtc_engine_up gauge\nbatchrtc_engine_up 0\n")
+                logger.warning("metrics: the engine did not answer: %s", e)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     async def health_route() -> JSONResponse:
         status, body = health(sources)
+        client = sources.engines.client
+        if client is not None:
+            try:
+                st = await asyncio.wait_for(client.status(), client.hang_timeout_s)
+                body["engine"] = {"up": True, "pid": st["pid"], "restarts": st["restarts"],
+                                  "workers": len(st["workers"]), "sessions": st["sessions"],
+                                  "batchers": {b["name"]: {"queue_depth": b["queue_depth"], "batches": b["batches"]}
+                                               for b in st["batchers"]}}
+            except Exception as e:
+                body["engine"] = {"up": False, "error": f"{type(e).__name__}: {e}"[:300]}
+                body["status"] = "error"
+                body.setdefault("failed", []).append("engine")
+                status = 503
         return JSONResponse(body, status_code=status)
 
     r.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)

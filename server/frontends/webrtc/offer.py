@@ -9,6 +9,7 @@ candidate to a connection.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,7 @@ def rtc_configuration(config: dict[str, Any] | None) -> RTCConfiguration:
 def router(registry: SessionRegistry, config: StreamConfig) -> APIRouter:
     """`POST /webrtc/offer` for one stream."""
     pin_ice_hosts(config.settings.ice_hosts)
+    serve_forwarded_candidates(registry)
     r = APIRouter()
 
     async def webrtc_offer(request: Request) -> JSONResponse:
@@ -122,7 +124,7 @@ async def negotiate(registry: SessionRegistry, config: StreamConfig, webrtc_id: 
     """Open a session for an offer that passed `check_offer_sdp` and answer it."""
     channel = WebRTCChannel(asyncio.get_running_loop())
     try:
-        session = registry.open(webrtc_id, channel, kind="webrtc")
+        session = await registry.open_shared(webrtc_id, channel, kind="webrtc")
     except Refused as r:
         return JSONResponse(r.body())
     except Exception as e:  # the handler's copy() raised: not the client's fault
@@ -148,6 +150,29 @@ async def negotiate(registry: SessionRegistry, config: StreamConfig, webrtc_id: 
 
 
 async def add_candidate(registry: SessionRegistry, webrtc_id: str, candidate: dict[str, Any] | None) -> JSONResponse:
+    if registry.held_elsewhere(webrtc_id):
+        # Another worker holds the peer connection: it adds the candidate there.
+        assert registry.shared is not None
+        try:
+            status, body = await registry.shared.forward("ice", webrtc_id, candidate)
+        except LookupError:
+            return _failed("unknown_connection")
+        return JSONResponse(body, status_code=status)
+    return await _add_candidate_here(registry, webrtc_id, candidate)
+
+
+def serve_forwarded_candidates(registry: SessionRegistry) -> None:
+    """Let other workers add trickled candidates to the connections this worker holds."""
+
+    async def ice(webrtc_id: str, candidate: Any) -> tuple[int, Any]:
+        r = await _add_candidate_here(registry, webrtc_id, candidate if isinstance(candidate, dict) else None)
+        return r.status_code, json.loads(r.body)
+
+    registry.remote_ops["ice"] = ice
+
+
+async def _add_candidate_here(registry: SessionRegistry, webrtc_id: str,
+                              candidate: dict[str, Any] | None) -> JSONResponse:
     session = registry.get(webrtc_id)
     conn = getattr(session, "webrtc", None) if session else None
     if conn is None:

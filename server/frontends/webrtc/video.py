@@ -56,10 +56,9 @@ class VideoPipeline:
         if self.batched:
             # Tell the batcher how many sessions feed it, so a batch holding a frame from
             # every one of them runs at once instead of waiting out max_queue_delay.
-            batcher = handler.batcher
-            batcher.add_producer()
-            session.on_close(batcher.remove_producer)
-            session.on_close(lambda: batcher.forget_source(session))
+            handler.add_producer()
+            session.on_close(handler.remove_producer)
+            session.on_close(lambda: handler.forget_source(session))
         session.spawn(self._read(), "video_in")
         session.spawn(self._work(), "video_work")
 
