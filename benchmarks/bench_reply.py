@@ -87,7 +87,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.harness import RESULTS_DIR, child_main, code_version, machine_info
-from benchmarks.server_process import UvicornProcess
+from benchmarks.server_process import UvicornProcess, wait_for_workers
 
 # Heavy imports (torch, the server package, scipy, websockets) are done lazily: client worker
 # processes import this module and must stay light; the server factory imports what it needs.
@@ -104,11 +104,13 @@ MODES: dict[str, tuple[list[str], int | None, str]] = {
     "batched": (["server.echo_app:stream"], 512, "engine"),
     "fastrtc-onnx": (["benchmarks.reply_apps:fastrtc_onnx_stream", "--factory"], None, "onnx"),
     "batched-b1": (["server.echo_app:stream"], 1, "engine"),
+    "batched-w2": (["server.echo_app:stream", "--workers", "2"], 512, "engine"),
 }
 MODE_LABELS = {
     "batched": "batched",
     "fastrtc-onnx": "per-session onnxruntime (FastRTC)",
     "batched-b1": "batched, max_batch_size=1",
+    "batched-w2": "batched, --workers 2 (engine process)",
 }
 MODE_ALIASES = {"unbatched": "batched-b1"}
 DEFAULT_MODES = "batched,fastrtc-onnx,batched-b1"
@@ -276,6 +278,13 @@ class ServerProcess(UvicornProcess):
             env["BATCHRTC_VAD_MAX_DELAY_MS"] = str(max_delay_ms)
         super().__init__([*target, "--log-level", "warning"], env, name=f"bench_reply_server_{mode}",
                          log_dir=log_dir, start_timeout_s=start_timeout_s)
+
+    def start(self) -> ServerProcess:
+        super().start()
+        if "--workers" in self.argv:  # the port is bound before the workers are: wait for all
+            workers = int(self.argv[self.argv.index("--workers") + 1])
+            wait_for_workers(f"http://127.0.0.1:{self.port}", workers, self.start_timeout_s)
+        return self
 
     @property
     def url(self) -> str:
@@ -514,16 +523,26 @@ class _Sampler(threading.Thread):
         self.samples: list[tuple[float, float, float, float, float]] = []  # t, srv cpu, rss, workers cpu, sys busy
         self._halt = threading.Event()
         self._last_worker_cpu: dict[int, float] = {}
+        self._last_tree_cpu: dict[int, float] = {}
 
     def _sample(self) -> None:
         ps = self.psutil
         t = time.monotonic()
         try:
             ct = self.server.cpu_times()
-            srv = ct.user + ct.system
+            self._last_tree_cpu[self.server.pid] = ct.user + ct.system
             rss = self.server.memory_info().rss
+            kids = self.server.children(recursive=True)  # uvicorn workers, the engine process
         except ps.Error:
             return
+        for k in kids:  # the server's CPU is its whole process tree's
+            try:
+                kt = k.cpu_times()
+                self._last_tree_cpu[k.pid] = kt.user + kt.system
+                rss += k.memory_info().rss
+            except ps.Error:
+                pass
+        srv = sum(self._last_tree_cpu.values())
         wsum = 0.0
         for w in self.workers:
             try:

@@ -393,7 +393,16 @@ def totals(stages: list[Stage], sessions: int, fps: float) -> dict[str, dict[str
         ms = sum(s.cpu_ms for s in mine)
         out[side] = {"cpu_ms_per_frame": ms, "wall_ms_per_frame": sum(s.wall_ms for s in mine),
                      "core_s_per_s": ms * sessions * fps / 1000}
+    # mode="send" (camera in, detections out as AdditionalOutputs): no frame goes back, so the
+    # server skips the conversion back, the encode and the outgoing RTP (server/frontends/webrtc/video.py).
+    mine = [s for s in stages if s.side == "server" and s.counted and s.key not in SEND_BACK_STAGES]
+    ms = sum(s.cpu_ms for s in mine)
+    out["server_send"] = {"cpu_ms_per_frame": ms, "wall_ms_per_frame": sum(s.wall_ms for s in mine),
+                          "core_s_per_s": ms * sessions * fps / 1000}
     return out
+
+
+SEND_BACK_STAGES = ("s_from_rgb", "s_encode", "s_tx")
 
 
 def _by(stages: list[Stage], *keys: str) -> float:
@@ -509,7 +518,10 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines += ["", f"### {res['codec']}: totals for {sessions} sessions x {fps:g} fps", "",
                   "| side | CPU ms/frame | wall ms/frame | core-s/s needed | usable cores here | target machine cores |",
                   "|---|---:|---:|---:|---:|---:|"]
-        for side, name in (("server", "server"), ("client", "load generators")):
+        sides = [("server", "server (send-receive)"), ("client", "load generators")]
+        if "server_send" in t:
+            sides.insert(1, ("server_send", 'server, mode="send" (no video back: no conversion back, encode or RTP out)'))
+        for side, name in sides:
             lines.append(f"| {name} | {_f(t[side]['cpu_ms_per_frame'])} | {_f(t[side]['wall_ms_per_frame'])} "
                          f"| {_f(t[side]['core_s_per_s'], 1)} | {m['usable_cpus']} | {o['target_cores']} |")
         both = t["server"]["core_s_per_s"] + t["client"]["core_s_per_s"]

@@ -119,3 +119,25 @@ class UvicornProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def wait_for_workers(base_url: str, workers: int, timeout_s: float) -> dict:
+    """Poll `/health` until the engine process answers with `workers` front ends connected
+    (`uvicorn --workers N` binds the port before its workers have loaded the app)."""
+    import json
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base_url}/health", timeout=5) as r:
+                body = json.loads(r.read())
+            engine = body.get("engine") or {}
+            if engine.get("up") and engine.get("workers") == workers:
+                return body
+            last = body
+        except Exception as e:  # not up yet
+            last = e
+        time.sleep(0.25)
+    raise RuntimeError(f"{workers} workers and the engine were not up in {timeout_s} s: {last}")

@@ -93,6 +93,8 @@ class Settings:
     engine: str = "auto"
     # Shared memory one front-end process may hold for payloads in flight to the engine.
     engine_shm_mb: int = 1024
+    # An engine that answers no ping for this long is taken as hung: killed and restarted.
+    engine_hang_s: float = 10.0
 
 
 def load_settings() -> Settings:
@@ -121,6 +123,7 @@ def load_settings() -> Settings:
         ice_hosts=tuple(h.strip() for h in os.environ.get("BATCHRTC_ICE_HOSTS", "").split(",") if h.strip()),
         engine=engine,
         engine_shm_mb=_int("BATCHRTC_ENGINE_SHM_MB", Settings.engine_shm_mb),
+        engine_hang_s=_float("BATCHRTC_ENGINE_HANG_S", Settings.engine_hang_s) or Settings.engine_hang_s,
     )
 
 

@@ -40,13 +40,13 @@ class EngineRegistry:
             self._extra.append(weakref.ref(batcher))
 
     # -- lifespan ----------------------------------------------------------------------------
-    async def start(self, *, shm_bytes: int = 1 << 30) -> None:
+    async def start(self, *, shm_bytes: int = 1 << 30, hang_timeout_s: float = 10.0) -> None:
         """Create and warm what the stream uses, off the event loop: the VAD engine's model
         and state table, the batched handler's worker process (it loads its model there).
         In engine mode: connect to the engine process (starting it if none runs) and have it
         load the batched handler and the VAD there instead."""
         if use_engine_process(self.mode):
-            client = await acquire_client(shm_bytes=shm_bytes)
+            client = await acquire_client(shm_bytes=shm_bytes, hang_timeout_s=hang_timeout_s)
             self.client = client
             try:
                 if self.batched is not None:

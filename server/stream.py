@@ -209,7 +209,8 @@ class Stream(FastAPI):
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
-        await self.engines.start(shm_bytes=self.config.settings.engine_shm_mb << 20)
+        settings = self.config.settings
+        await self.engines.start(shm_bytes=settings.engine_shm_mb << 20, hang_timeout_s=settings.engine_hang_s)
         self.registry.attach_engine(self.engines.client)
         if self.config.verbose:
             self._announce()

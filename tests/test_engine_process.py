@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
@@ -382,3 +383,36 @@ async def test_batched_video_from_two_workers_in_one_engine_batch():
                 await c.close()
     s.cleanup_log()
 
+
+
+async def test_a_hung_engine_is_killed_and_replaced():
+    s = Server(BATCHRTC_ENGINE_HANG_S="2")
+    with s:
+        engine = s.wait_ready()["engine"]["pid"]
+        c = await Client(s.ws, "hang-1").open()
+        await asyncio.sleep(0.5)
+        assert sum(s.sessions_by_worker().values()) == 1
+        os.kill(engine, signal.SIGSTOP)  # alive but silent: pings go unanswered
+        try:
+            h = s.wait_ready(timeout=60, restarts=1)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(engine, signal.SIGCONT)
+        assert h["engine"]["pid"] != engine
+        deadline = time.monotonic() + 10
+        while _alive(engine) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(engine)
+        await c.speak(speech_48k(SPEECH))  # the session carries on with the new engine
+        await asyncio.sleep(3.0)
+        assert c.logs("pause_detected") == 2
+        await c.close()
+    s.cleanup_log()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -50,12 +50,12 @@ def engine_client() -> EngineClient | None:
     return _client
 
 
-async def acquire_client(*, shm_bytes: int, item_timeout_s: float = 30.0) -> EngineClient:
+async def acquire_client(*, shm_bytes: int, item_timeout_s: float = 30.0, hang_timeout_s: float = 10.0) -> EngineClient:
     """Connect this process to the engine (starting it if none runs); counted per stream."""
     global _client, _users
     if _client is None:
         paths = EnginePaths.for_owner(owner_pid(), os.environ.get("BATCHRTC_ENGINE_DIR") or None)
-        client = EngineClient(paths, shm_bytes=shm_bytes, item_timeout_s=item_timeout_s)
+        client = EngineClient(paths, shm_bytes=shm_bytes, item_timeout_s=item_timeout_s, hang_timeout_s=hang_timeout_s)
         _client = client
         try:
             await client.start()

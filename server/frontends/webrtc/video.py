@@ -46,6 +46,8 @@ class VideoPipeline:
         self.mailbox: Any = None
         self.new_frame = asyncio.Event()
         self.output = ProcessedVideoTrack()
+        # Only send-receive sends video back; in "send" mode no frame is converted or encoded.
+        self.send_back = session.config.mode == "send-receive"
         settings = session.config.settings
         self.max_pixels = settings.video_max_pixels
         self.pixels = TokenBucket(settings.video_pixel_rate, settings.video_pixel_rate)  # 1 s of budget
@@ -132,6 +134,9 @@ class VideoPipeline:
                 continue
             if array.shape[0] * array.shape[1] > self.max_pixels or min(array.shape[:2]) < 2:
                 session.report_handler_error(ValueError(f"handler returned a frame of shape {array.shape}"))
+                continue
+            if not self.send_back:  # mode="send": results go out as AdditionalOutputs only
+                self.processed += 1
                 continue
             out_frame = await loop.run_in_executor(media, self.conv.to_frame, array, self.fmt, frame.pts, frame.time_base)
             self.processed += 1
