@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -156,6 +157,11 @@ class BatchedHandler:
         """What the engine process needs to run this handler: its name, where to import it
         from, and its batching settings."""
         ref = _importable_ref(self.fn)
+        if ref is not None and ref[0] in ("__main__", "__mp_main__"):
+            # `python -m pkg.mod`: the engine imports it by its real name (a script run by
+            # path has none the engine could import).
+            spec = getattr(sys.modules.get(ref[0]), "__spec__", None)
+            ref = (spec.name, ref[1]) if spec is not None and spec.name else None
         if ref is None:
             raise ValueError(
                 f"batched handler {self.__name__!r}: with an engine process (uvicorn --workers N or "
