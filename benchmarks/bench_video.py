@@ -72,7 +72,7 @@ import numpy as np
 
 from benchmarks import harness
 from benchmarks.harness import child_main
-from benchmarks.server_process import UvicornProcess
+from benchmarks.server_process import UvicornProcess, wait_for_workers
 
 # Light imports only at module level: client worker processes import this module (no torch).
 
@@ -84,6 +84,7 @@ PATCH_BOX = (140, 20, 310, 215)  # the crop pasted onto the canvas (contains FAC
 APPS = {
     "batched": "benchmarks.video_apps:batched_stream",
     "batched-proc": "benchmarks.video_apps:batched_stream",
+    "batched-w2": "benchmarks.video_apps:batched_stream",
     "perframe": "benchmarks.video_apps:perframe_stream",
     "echo": "benchmarks.video_apps:echo_stream",
 }
@@ -552,7 +553,10 @@ class ServerProcess(UvicornProcess):
         if device:
             env["BATCHRTC_DEVICE"] = device
         env.update(extra_env)
-        super().__init__([APPS[mode], "--host", "127.0.0.1", "--log-level", "warning"], env,
+        # batched-w2: `uvicorn --workers 2`, every worker feeding one engine process (server/engine/)
+        self.workers = 2 if mode == "batched-w2" else 1
+        workers = ["--workers", str(self.workers)] if self.workers > 1 else []
+        super().__init__([APPS[mode], "--host", "127.0.0.1", "--log-level", "warning", *workers], env,
                          name=f"bench_video_server_{mode}", prefix=prefix, start_timeout_s=start_timeout_s)
 
     @property
@@ -574,6 +578,8 @@ class ServerProcess(UvicornProcess):
 
     def start(self) -> ServerProcess:
         super().start()
+        if self.workers > 1:  # the port is bound before the workers have loaded the app
+            wait_for_workers(self.base_url, self.workers, self.start_timeout_s)
         if self.stats(timeout=10) is None:
             raise RuntimeError(f"server accepts connections but {STATS_PATH} does not answer:\n{self.log_tail()}")
         return self
@@ -937,7 +943,7 @@ def run_step(mode: str, n: int, opts: StepOptions, nvml: _NVML | None = None, lo
         _aggregate(res, sessions, opts)
         if s1:
             res.cuda_max_allocated_mib = s1.get("cuda_max_allocated_mib")
-            if s0:
+            if s0 and server.workers == 1:  # with workers, /_bench/stats is one worker's view
                 res.server_video = {k2: s1["video"][k2] - s0["video"][k2] for k2 in s1["video"]}
             res.batcher = _batcher_window((s0 or {}).get("batcher"), s1.get("batcher"))
     finally:

@@ -39,6 +39,7 @@ import torch
 
 from models.detector import FaceDetector, draw_boxes
 from server import AdditionalOutputs, Stream
+from server.engine import in_uvicorn_worker
 from server.video import batched
 
 logger = logging.getLogger(__name__)
@@ -176,6 +177,8 @@ def _warmup() -> None:
     if os.environ.get("BENCH_LOAD_DETECTOR", "1") == "0":
         return
     if detect_faces_batched.process and multiprocessing.parent_process() is None:
+        return
+    if in_uvicorn_worker():  # `--workers N`: the model runs in the engine process (it imports this module)
         return
     det = detector()
     hw = os.environ.get("BENCH_WARMUP_HW", "").strip()

@@ -24,6 +24,7 @@ import websockets
 
 from benchmarks.server_process import UvicornProcess
 from benchmarks.ws_client import ulaw_encode
+from server.engine.client import private_dir
 from batching.process import SHM_PREFIX
 from tests.test_websocket_reply import speech_48k
 from tests.webrtc_client import FrameSource, connect
@@ -303,7 +304,7 @@ async def test_sigkill_a_worker_then_the_engine_and_the_rest_carries_on():
             await c.close()
         assert s.metric("batchrtc_engine_restarts_total") == {"": 1.0}
     # the engine exits within a second or two of its owner, unlinking its socket and lock
-    files = lambda: list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"batchrtc-{os.getuid()}-{s.pid}.*"))  # noqa: E731
+    files = lambda: list(Path(private_dir()).glob(f"engine-{s.pid}.*"))  # noqa: E731
     deadline = time.monotonic() + 15
     while (_shm_of(pids) or files()) and time.monotonic() < deadline:
         time.sleep(0.2)

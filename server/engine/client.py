@@ -22,6 +22,9 @@ import itertools
 import logging
 import os
 import signal
+import socket
+import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -58,9 +61,29 @@ class EnginePaths:
 
     @classmethod
     def for_owner(cls, owner: int, directory: str | None = None) -> EnginePaths:
-        d = directory or tempfile.gettempdir()
-        base = os.path.join(d, f"batchrtc-{os.getuid()}-{owner}")
+        base = os.path.join(private_dir(directory), f"engine-{owner}")
         return cls(base + ".sock", base + ".lock", owner)
+
+
+def private_dir(directory: str | None = None) -> str:
+    """A directory only this user can enter (`BATCHRTC_ENGINE_DIR`, else
+    `$TMPDIR/batchrtc-UID`): the socket carries session ids, which are bearer secrets, and
+    pickles, so nobody else may place or reach a socket there."""
+    d = directory or os.path.join(tempfile.gettempdir(), f"batchrtc-{os.getuid()}")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise PermissionError(f"engine directory {d!r} must be a directory owned by this user with mode 0700 "
+                              "(set BATCHRTC_ENGINE_DIR to one that is)")
+    return d
+
+
+def peer_uid(sock: Any) -> int | None:
+    """The uid of the process at the other end of a Unix socket (Linux SO_PEERCRED)."""
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
 
 
 def _lock_free(path: str) -> bool:
@@ -188,6 +211,10 @@ class EngineClient:
         while True:
             try:
                 reader, writer = await asyncio.open_unix_connection(self.paths.socket, limit=1 << 20)
+                uid = peer_uid(writer.get_extra_info("socket"))
+                if uid is not None and uid != os.getuid():
+                    writer.close()
+                    raise PermissionError(f"the engine socket {self.paths.socket} belongs to uid {uid}, not us")
                 break
             except (FileNotFoundError, ConnectionRefusedError):
                 if time.monotonic() > deadline:

@@ -156,6 +156,12 @@ class Engine:
 
     # -- connections ---------------------------------------------------------------------
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from .client import peer_uid
+
+        uid = peer_uid(writer.get_extra_info("socket"))
+        if uid is not None and uid != os.getuid():  # the directory is private; this is a second lock
+            writer.close()
+            return
         self._next_wid += 1
         w = _Worker(self._next_wid, writer)
         self.workers[w.id] = w
