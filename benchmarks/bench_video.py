@@ -84,7 +84,7 @@ PATCH_BOX = (140, 20, 310, 215)  # the crop pasted onto the canvas (contains FAC
 APPS = {
     "batched": "benchmarks.video_apps:batched_stream",
     "batched-proc": "benchmarks.video_apps:batched_stream",
-    "batched-w2": "benchmarks.video_apps:batched_stream",
+    "batched-workers": "benchmarks.video_apps:batched_stream",
     "perframe": "benchmarks.video_apps:perframe_stream",
     "echo": "benchmarks.video_apps:echo_stream",
 }
@@ -530,7 +530,7 @@ class ServerProcess(UvicornProcess):
     def __init__(self, mode: str, *, max_batch: int, max_delay_ms: float, deadline_ms: float,
                  concurrency: int, warmup_hw: tuple[int, int] | None, device: str | None,
                  cpus: list[int] | None, extra_env: dict[str, str], outputs: bool = True,
-                 start_timeout_s: float = 180.0) -> None:
+                 start_timeout_s: float = 180.0, workers: int = 2) -> None:
         if mode not in APPS:
             raise ValueError(f"mode must be one of {sorted(APPS)}, got {mode!r}")
         self.mode = mode
@@ -553,8 +553,8 @@ class ServerProcess(UvicornProcess):
         if device:
             env["BATCHRTC_DEVICE"] = device
         env.update(extra_env)
-        # batched-w2: `uvicorn --workers 2`, every worker feeding one engine process (server/engine/)
-        self.workers = 2 if mode == "batched-w2" else 1
+        # batched-workers: `uvicorn --workers N`, every worker feeding one engine process (server/engine/)
+        self.workers = workers if mode == "batched-workers" else 1
         workers = ["--workers", str(self.workers)] if self.workers > 1 else []
         super().__init__([APPS[mode], "--host", "127.0.0.1", "--log-level", "warning", *workers], env,
                          name=f"bench_video_server_{mode}", prefix=prefix, start_timeout_s=start_timeout_s)
@@ -779,6 +779,7 @@ class StepOptions:
     keep_server_log: bool = False
     client_jitter: str = "aiortc"
     outputs: bool = True
+    workers: int = 2  # uvicorn --workers for the batched-workers mode
 
 
 @dataclass
@@ -888,7 +889,8 @@ def run_step(mode: str, n: int, opts: StepOptions, nvml: _NVML | None = None, lo
     server = ServerProcess(mode, max_batch=opts.max_batch, max_delay_ms=opts.max_delay_ms,
                            deadline_ms=opts.deadline_ms, concurrency=max(opts.concurrency, n + 1),
                            warmup_hw=(opts.height, opts.width), device=opts.device,
-                           cpus=opts.server_cpus, extra_env=opts.server_env, outputs=opts.outputs)
+                           cpus=opts.server_cpus, extra_env=opts.server_env, outputs=opts.outputs,
+                           workers=opts.workers)
     res.server_command = server.command
     workers: list[tuple[Any, Any]] = []
     sampler: Sampler | None = None
@@ -1222,6 +1224,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=float, default=None, help="unmeasured seconds before (default 5)")
     ap.add_argument("--client-procs", type=int, default=max(1, (os.cpu_count() or 1) // 4),
                     help="load-generator processes, each its own asyncio loop (default max(1, cores//4))")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="uvicorn --workers for mode batched-workers (front ends feeding one engine process; default 2)")
     ap.add_argument("--max-batch", type=int, default=64, help="BENCH_MAX_BATCH for the batched app (default 64)")
     ap.add_argument("--max-delay-ms", type=float, default=8.0, help="BENCH_MAX_DELAY_MS (default 8)")
     ap.add_argument("--deadline-ms", type=float, default=100.0, help="BENCH_DEADLINE_MS (late frames dropped) (default 100)")
@@ -1277,7 +1281,7 @@ def options_from_args(args: argparse.Namespace) -> StepOptions:
                        concurrency=args.concurrency, device=args.device, server_cpus=args.server_cpus,
                        client_cpus=args.client_cpus, server_env=args.server_env,
                        keep_server_log=args.keep_server_log, client_jitter=args.client_jitter,
-                       outputs=not args.no_outputs)
+                       outputs=not args.no_outputs, workers=args.workers)
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None, log: Any = print) -> tuple[list[StepResult], dict[str, Any]]:

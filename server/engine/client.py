@@ -103,6 +103,17 @@ def _lock_free(path: str) -> bool:
         os.close(fd)
 
 
+def _try_lock(path: str) -> int | None:
+    """An fd holding an exclusive lock on `path`, or None if someone else holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 class _Pending:
     __slots__ = ("future", "block", "kind")
 
@@ -136,6 +147,7 @@ class EngineClient:
         self._claims: dict[str, int] = {}
         self._task: asyncio.Task[Any] | None = None
         self._last_spawn = 0.0
+        self._spawn_fd: int | None = None
         self._closed = False
         self.local_ops: dict[str, Callable[[str, Any], Awaitable[Any]]] = {}
         self.local_stream: Callable[[str], AsyncIterator[Any]] | None = None
@@ -208,6 +220,14 @@ class EngineClient:
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, tuple[Any, ...]]:
         deadline = time.monotonic() + self.start_timeout_s
+        try:
+            return await self._connect_until(deadline)
+        finally:
+            if self._spawn_fd is not None:
+                os.close(self._spawn_fd)  # releases the spawn lock
+                self._spawn_fd = None
+
+    async def _connect_until(self, deadline: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, tuple[Any, ...]]:
         while True:
             try:
                 reader, writer = await asyncio.open_unix_connection(self.paths.socket, limit=1 << 20)
@@ -220,7 +240,11 @@ class EngineClient:
                 if time.monotonic() > deadline:
                     raise EngineUnavailable(f"no engine on {self.paths.socket}") from None
                 if time.monotonic() - self._last_spawn > 5.0 and _lock_free(self.paths.lock):
-                    self._spawn()
+                    # One front end starts it: whoever holds the spawn lock until it connects
+                    # (an engine takes its own lock only after its imports, seconds later).
+                    self._spawn_fd = self._spawn_fd if self._spawn_fd is not None else _try_lock(self.paths.lock + ".spawn")
+                    if self._spawn_fd is not None:
+                        self._spawn()
                 await asyncio.sleep(0.05)
         writer.write(encode(("hello", os.getpid(), self.arena.prefix)))
         welcome = await asyncio.wait_for(read_message(reader), self.hang_timeout_s)

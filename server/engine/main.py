@@ -496,10 +496,11 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_run(args, generation))
     finally:
         if not _alive(args.owner):
-            try:
-                os.unlink(args.lock)
-            except FileNotFoundError:
-                pass
+            for path in (args.lock, args.lock + ".spawn"):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
         os.close(fd)
     return 0
 
