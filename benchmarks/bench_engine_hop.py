@@ -32,7 +32,7 @@ from server.video import batched
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-@batched(max_batch_size=8, max_queue_delay_ms=0, device="cpu")
+@batched(max_batch_size=8, max_queue_delay_ms=8, device="cpu")
 def identity(frames: torch.Tensor, args: list[tuple]) -> torch.Tensor:
     """The frame back, unchanged: measures the transport, not a model."""
     return frames
@@ -56,6 +56,7 @@ async def _time(fn: Any, n: int, warmup: int = 10) -> dict[str, float]:
 
 
 async def measure(n: int) -> dict[str, dict[str, float]]:
+    from server.config import load_settings
     from server.engine import acquire_client, release_client
     from server.vad_engine import VADEngine
 
@@ -65,7 +66,9 @@ async def measure(n: int) -> dict[str, dict[str, float]]:
     rows: dict[str, dict[str, float]] = {}
 
     # in-process
-    local = VADEngine(max_batch_size=512, max_queue_delay_ms=0)
+    settings = load_settings()  # the same settings the engine process's VAD is built with
+    local = VADEngine(max_batch_size=settings.vad_max_batch, max_queue_delay_ms=settings.vad_max_delay_ms,
+                      threads=settings.vad_threads)
     stream = local.open_stream(48000)
     rows["vad in-process"] = await _time(lambda: stream.process(chunk), n)
     stream.close()
