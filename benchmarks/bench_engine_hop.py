@@ -6,7 +6,8 @@ One item at a time (no batching, no contention: the hop itself), on the same mac
 * ``vad``: one ReplyOnPause chunk (0.6 s at 48 kHz, float32, 115 KB) through the shared VAD
   engine: in-process (`VADEngine`) vs in the engine process (through shared memory).
 * ``video``: one 640x480 RGB frame (921 KB) through an identity batched handler that returns
-  the frame (so the result comes back through the block too): in-process vs engine process.
+  the frame (so the result comes back through the block too), with one producer registered
+  (as one session would) so the batch runs at once: in-process vs engine process.
 
 The hop is the difference of the medians. Usage::
 
@@ -75,7 +76,9 @@ async def measure(n: int) -> dict[str, dict[str, float]]:
     local.close()
     handler = identity
     handler.process = False
+    handler.add_producer()  # one session feeding it: a batch runs as soon as its frame is in
     rows["video 640x480 in-process"] = await _time(lambda: handler.submit(frame, ()), n)
+    handler.remove_producer()
     handler.close(restartable=True)
 
     # engine process (started here, as a single server process with BATCHRTC_ENGINE=process would)
@@ -87,7 +90,9 @@ async def measure(n: int) -> dict[str, dict[str, float]]:
         rows["vad engine process"] = await _time(lambda: remote.process(chunk), n)
         remote.close()
         await client.register_handler(*identity.engine_spec())
+        handler.add_producer()
         rows["video 640x480 engine process"] = await _time(lambda: handler.submit(frame, ()), n)
+        handler.remove_producer()
     finally:
         await release_client()
     return rows

@@ -694,11 +694,13 @@ class Sampler(threading.Thread):
         try:
             ct = p.cpu_times()
             tot = ct.user + ct.system
-            if children:  # live children (batched-proc's handler process) count as the server
+            if children:  # children (the handler's process, workers, the engine) count as the server
                 for c in p.children(recursive=True):
                     with contextlib.suppress(self.ps.Error):
                         cc = c.cpu_times()
-                        tot += cc.user + cc.system
+                        self._last[f"{key}:child:{c.pid}"] = cc.user + cc.system
+                # a child that exited keeps the CPU it used (its last reading), so the sum never drops
+                tot += sum(v for k, v in self._last.items() if k.startswith(f"{key}:child:"))
             main = self._main_thread_cpu(p)
         except self.ps.Error:
             tot, main = None, None

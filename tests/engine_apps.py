@@ -85,3 +85,9 @@ async def say_which_worker(request, call_next):
 @video.get("/owner/{webrtc_id}")
 async def video_owner(webrtc_id: str) -> dict:
     return {"pid": os.getpid(), "here": webrtc_id in video.sessions}
+
+
+@batched(max_batch_size=4, max_queue_delay_ms=1, device="cpu")
+def times_out(frames: torch.Tensor, args: list[tuple]) -> list:
+    """Fails every batch with a TimeoutError of its own (as a dropped late frame does)."""
+    raise TimeoutError("this handler's own timeout")

@@ -417,3 +417,27 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+async def test_an_item_failing_with_a_timeout_error_is_not_an_engine_hang(tmp_path, monkeypatch):
+    """A frame dropped as late fails with DeadlineExceeded, a TimeoutError: the engine answered,
+    so it must not be taken for hung and killed (it was, under load, before this test)."""
+    from server import engine
+    from tests.engine_apps import times_out
+
+    monkeypatch.setenv("BATCHRTC_ENGINE_DIR", str(tmp_path))
+    client = await engine.acquire_client(shm_bytes=64 << 20)
+    try:
+        await client.register_handler(*times_out.engine_spec())
+        pid = client.engine_pid
+        frame = np.zeros((48, 64, 3), np.uint8)
+        for _ in range(3):
+            with pytest.raises(TimeoutError, match="own timeout"):
+                await times_out.submit(frame, ())
+        await client.call("ping", timeout=10)
+        assert client.connected and client.engine_pid == pid and client.connects == 1
+    finally:
+        await engine.release_client()
+    deadline = time.monotonic() + 10
+    while list(tmp_path.glob("engine-*.sock")) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)

@@ -314,6 +314,8 @@ class EngineClient:
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except asyncio.TimeoutError:
+            if fut.done():  # the engine's own answer was a TimeoutError (a late frame dropped)
+                raise
             self.kill_engine(f"{op!r} got no answer within {timeout} s")
             raise EngineTimeout(f"the engine did not answer {op!r} within {timeout} s; it was killed "
                                 "and a new one is starting") from None
