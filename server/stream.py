@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
@@ -22,6 +23,8 @@ from fastapi import APIRouter, FastAPI
 
 from . import docs, metrics
 from .config import Modality, Mode, StreamConfig, load_settings
+from .engine.client import private_dir
+from .engine.ui_host import UIProxy, UISocketServer
 from .engines import EngineRegistry
 from .frontends import telephone, webrtc, websocket
 from .handler_pool import HandlerPool
@@ -111,6 +114,7 @@ class Stream(FastAPI):
         self.include_router(self.rtc_router)
         # `Stream.mount` is FastRTC's (app, path) signature: mount through the router instead.
         self.router.mount(UI_PATH, app=self.ui_app, name="ui")
+        self.add_middleware(UIProxy)  # passes /ui on to the worker serving it (engine mode only)
 
     # -- what the user passed (FastRTC's attribute names) -------------------------------------
     @property
@@ -212,6 +216,11 @@ class Stream(FastAPI):
         settings = self.config.settings
         await self.engines.start(shm_bytes=settings.engine_shm_mb << 20, hang_timeout_s=settings.engine_hang_s)
         self.registry.attach_engine(self.engines.client)
+        ui_socket = None
+        if self.engines.client is not None:  # /ui across workers: see server/engine/ui_host.py
+            ui_socket = UISocketServer(self, os.path.join(private_dir(), f"ui-{os.getpid()}.sock"))
+            await ui_socket.start()
+            self.engines.client.announce_ui(ui_socket.path)
         if self.config.verbose:
             self._announce()
         try:
@@ -219,6 +228,8 @@ class Stream(FastAPI):
         finally:
             await self.registry.close_all("server shutdown")
             await self.ui_app.aclose()
+            if ui_socket is not None:
+                await ui_socket.stop()
             self.registry.attach_engine(None)
             await self.engines.stop()
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import gradio as gr
+import httpx
 import pytest
 
 from server import AdditionalOutputs, ReplyOnPause, Stream
@@ -195,3 +196,34 @@ def test_audio_ui_reply_on_pause(serve, browser: Browser) -> None:
     page.click(".brtc-toggle")  # Stop
     wait_sessions_closed(stream, page)
     page.close()
+
+
+def test_ui_across_two_workers_with_an_engine_process(browser: Browser) -> None:
+    """`uvicorn --workers 2`: a page's requests land on either worker (the browser opens several
+    connections); the worker that does not serve /ui passes them on, so the page connects and
+    shows frames the engine process inverted. Two pages, one after the other."""
+    from tests.test_engine_process import Server
+
+    server = Server(app="tests.engine_apps:video")
+    with server:
+        server.wait_ready()
+        inverted = tuple(255 - c for c in LEFT_RGB)
+        for _ in range(2):
+            page = open_ui(browser, server.http)
+            page.click(".brtc-toggle")
+
+            def processed() -> dict | None:
+                left = page.evaluate(REGION_JS, [".brtc-remote-video", 0.25, 0.5])
+                if left and not left["paused"] and close_to(left["rgb"], inverted):
+                    return left
+                processed.last = left  # type: ignore[attr-defined]
+                return None
+
+            processed.last = None  # type: ignore[attr-defined]
+            _, ok = poll(processed, 40, page=page)
+            assert ok, f"no processed video: {processed.last}, state {page_state(page)}, console {browser.console[-10:]}\n{server.log_tail()}"
+            page.click(".brtc-toggle")
+            page.close()
+        pids = {httpx.get(f"{server.http}/ui/", timeout=10).headers.get("x-worker-pid") for _ in range(12)}
+        assert len(pids) == 2, pids  # both workers answered /ui requests (one of them passing them on)
+    server.cleanup_log()

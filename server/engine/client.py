@@ -135,6 +135,9 @@ class EngineClient:
         self.connects = 0
         self.worker_id = 0
         self.remote_ids: set[str] = set()  # sessions other workers hold
+        self.ui_host: str | None = None  # the socket of the worker serving /ui, and its pid
+        self.ui_host_pid = 0
+        self.ui_sock: str | None = None  # ours, once announced
         self.vad = RemoteVAD(self)
         self._writer: asyncio.StreamWriter | None = None
         self._connected: asyncio.Event | None = None
@@ -194,7 +197,7 @@ class EngineClient:
                 logger.warning("engine: could not connect (%s); retrying", e)
                 await asyncio.sleep(0.5)
                 continue
-            _, self.engine_pid, self.generation, self.worker_id, others = welcome
+            _, self.engine_pid, self.generation, self.worker_id, others, (self.ui_host, self.ui_host_pid) = welcome
             self.remote_ids = set(others)
             self._writer = writer
             self.connects += 1
@@ -269,6 +272,8 @@ class EngineClient:
                 self._send(("producer", name, n))
         for sid, limit in self._claims.items():
             self._send(("claim", next(self._req), sid, 1 << 30))
+        if self.ui_sock is not None:
+            self._send(("ui_sock", self.ui_sock))
 
     async def _heartbeat(self) -> None:
         while True:
@@ -337,6 +342,8 @@ class EngineClient:
                 self.remote_ids.add(msg[1])
             elif op == "released":
                 self.remote_ids.discard(msg[1])
+            elif op == "ui_host":
+                self.ui_host, self.ui_host_pid = msg[1], msg[2]
             elif op == "call":
                 _, key, what, sid, args = msg
                 self._serving[key] = asyncio.ensure_future(self._serve_call(key, what, sid, args))
@@ -402,6 +409,12 @@ class EngineClient:
         self._producers[name] += delta
         with contextlib.suppress(EngineUnavailable):
             self._send(("producer", name, delta))  # replayed on reconnect otherwise
+
+    def announce_ui(self, path: str) -> None:
+        """This worker serves the app on `path` too: it may be named the UI host."""
+        self.ui_sock = path
+        with contextlib.suppress(EngineUnavailable):
+            self._send(("ui_sock", path))
 
     def forget_source(self, name: str, source: Any) -> None:
         with contextlib.suppress(EngineUnavailable):

@@ -53,6 +53,7 @@ class _Worker:
         self.sources: set[tuple[str, Any]] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.calls: dict[int, tuple[_Worker, int]] = {}  # relayed call key -> (origin, its req)
+        self.ui_sock: str | None = None  # where this worker serves the app for /ui
 
     @property
     def label(self) -> str:
@@ -94,6 +95,7 @@ class Engine:
         self._vad_lock = asyncio.Lock()
         self._next_wid = 0
         self._next_key = 0
+        self.ui_host: _Worker | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         self.h_items = Histogram("batchrtc_engine_batch_items", "Items per batch, by the front-end process (pid) that sent them",
                                  ["batcher", "worker"], buckets=_ITEM_BUCKETS, registry=self.registry)
@@ -208,7 +210,12 @@ class Engine:
         elif op == "hello":
             _, w.pid, w.prefix = msg
             others = [s for s, o in self.sessions.items() if o != w.id]
-            w.send(("welcome", os.getpid(), self.generation, w.id, others))
+            host = (self.ui_host.ui_sock, self.ui_host.pid) if self.ui_host is not None else (None, 0)
+            w.send(("welcome", os.getpid(), self.generation, w.id, others, host))
+        elif op == "ui_sock":
+            w.ui_sock = msg[1]
+            if self.ui_host is None:
+                self._set_ui_host(w)
         elif op == "video_reg":
             _, req, name, ref, cfg = msg
             self._spawn(w, self._reply(w, req, self._register(name, ref, cfg)))
@@ -309,6 +316,14 @@ class Engine:
         self.sessions[sid] = w.id
         return None
 
+    def _set_ui_host(self, w: _Worker | None) -> None:
+        """Name the worker that serves /ui for everyone (see server/engine/ui_host.py)."""
+        self.ui_host = w
+        msg = ("ui_host", w.ui_sock, w.pid) if w is not None else ("ui_host", None, 0)
+        for other in self.workers.values():
+            other.send(msg)
+        logger.info("engine: /ui is served by worker %s", w.pid if w is not None else "none")
+
     def _broadcast(self, sender: _Worker, msg: Any) -> None:
         """Tell the other workers which ids exist elsewhere (`Stream.set_input` is synchronous:
         a worker must know without asking whether another one holds an id)."""
@@ -346,6 +361,8 @@ class Engine:
 
     async def _drop_worker(self, w: _Worker) -> None:
         self.workers.pop(w.id, None)
+        if self.ui_host is w:
+            self._set_ui_host(next((o for o in self.workers.values() if o.ui_sock), None))
         for t in list(w.tasks):
             t.cancel()
         for sid in [s for s, o in self.sessions.items() if o == w.id]:
