@@ -85,6 +85,9 @@ APPS = {
     "batched": "benchmarks.video_apps:batched_stream",
     "batched-proc": "benchmarks.video_apps:batched_stream",
     "batched-workers": "benchmarks.video_apps:batched_stream",
+    # mode="send": camera in, detections out on the data channel, no video back (no encode);
+    # each detection carries its frame's index, so fps and latency are read from those
+    "batched-send": "benchmarks.video_apps:batched_send_stream",
     "perframe": "benchmarks.video_apps:perframe_stream",
     "echo": "benchmarks.video_apps:echo_stream",
 }
@@ -365,19 +368,32 @@ async def _collect(track: Any, s: _Sess, scene: Scene) -> None:
                 code = scene.read_index(y) if (frame.width, frame.height) == (scene.w, scene.h) else -1
             except Exception:  # noqa: BLE001 - an unreadable frame counts as such
                 code, u, v = -1, None, None
-            full = -1
-            if code >= 0:
-                # the most recent sent frame whose (index + phase) mod 2^12 is this code
-                last = s.src.last
-                full = last - ((last + s.src.phase - code) % INDEX_MOD)
-                if full < 0:
-                    full = -1
+            full = _full_index(s, code)
             s.arrivals.append(t)
             s.index.append(full)
             s.box.append(bool(full >= 0 and u is not None and scene.has_box(u, v, full + s.src.phase)))
             s.first_frame.set()
     except MediaStreamError:
         return
+
+
+def _full_index(s: _Sess, code: int) -> int:
+    """The most recent sent frame whose (index + phase) mod 2^12 is `code` (-1: unreadable)."""
+    if code < 0:
+        return -1
+    last = s.src.last
+    full = last - ((last + s.src.phase - code) % INDEX_MOD)
+    return full if full >= 0 else -1
+
+
+def _returned(s: _Sess, t: float, code: int, face: bool) -> None:
+    """A send-only session's detection for the frame with barcode `code`, counted as that frame
+    coming back (its box column: whether a face was found)."""
+    full = _full_index(s, code)
+    s.arrivals.append(t)
+    s.index.append(full)
+    s.box.append(bool(full >= 0 and face))
+    s.first_frame.set()
 
 
 async def _connect(base_url: str, s: _Sess, scene: Scene, timeout: float) -> None:
@@ -400,9 +416,12 @@ async def _connect(base_url: str, s: _Sess, scene: Scene, timeout: float) -> Non
             return
         typ = m.get("type")
         if typ == "fetch_output":
+            t = time.monotonic()
             data = m.get("data") or [{}]
             faces = data[0].get("faces", -1) if isinstance(data[0], dict) else -1
-            s.outputs.append((time.monotonic(), int(faces)))
+            s.outputs.append((t, int(faces)))
+            if isinstance(data[0], dict) and "index" in data[0]:  # a send-only session's result
+                _returned(s, t, int(data[0]["index"]), faces > 0)
         elif typ in ("error", "warning"):
             s.errors.append(f"{typ}: {str(m.get('message'))[:200]}")
 

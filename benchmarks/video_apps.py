@@ -102,6 +102,35 @@ def detect_faces_batched(frames: torch.Tensor, args: list[tuple]) -> list[Any]:
             for i in range(host.shape[0])]
 
 
+# ------------------------------------------------------------------- batched, send-only
+_SCENES: dict[tuple[int, int], Any] = {}
+
+
+def _frame_index(frame_rgb: np.ndarray) -> int:
+    """The bench's barcode index of one RGB frame (-1 if unreadable): a send-only session has no
+    frame coming back to read it from, so the detections carry it."""
+    from benchmarks.bench_video import Scene
+
+    h, w = frame_rgb.shape[:2]
+    scene = _SCENES.get((h, w))
+    if scene is None:
+        scene = _SCENES[(h, w)] = Scene(w, h, 30.0)
+    band = frame_rgb[h - scene.bs:].astype(np.float32)
+    y = np.zeros((h, w), np.float32)
+    y[h - scene.bs:] = band @ np.array([0.299, 0.587, 0.114], np.float32)  # luma of the barcode row
+    return scene.read_index(y)
+
+
+@batched(max_batch_size=MAX_BATCH, max_queue_delay_ms=MAX_DELAY_MS, deadline_ms=DEADLINE_MS)
+def detect_faces_send(frames: torch.Tensor, args: list[tuple]) -> list[Any]:
+    """``mode="send"``: detections only (no frame drawn, none sent back), each with its frame's index."""
+    det = detector()
+    found = _boxes_to_host(det.detect(frames))
+    host = frames.cpu().numpy()
+    return [AdditionalOutputs({"faces": len(found[i]), "boxes": found[i], "index": _frame_index(host[i])})
+            for i in range(host.shape[0])]
+
+
 # ------------------------------------------------------------------------------ per frame
 def detect_faces_perframe(frame_bgr: np.ndarray) -> np.ndarray:
     """FastRTC-style handler: one BGR frame in, one BGR frame out, one model call."""
@@ -117,8 +146,8 @@ def echo(frame_bgr: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------- apps
-def _stream(handler: Any) -> Stream:
-    stream = Stream(handler, modality="video", mode="send-receive", concurrency_limit=CONCURRENCY)
+def _stream(handler: Any, mode: str = "send-receive") -> Stream:
+    stream = Stream(handler, modality="video", mode=mode, concurrency_limit=CONCURRENCY)
 
     @stream.get("/_bench/stats")
     def _stats() -> dict:  # sync route: runs on Starlette's thread pool, not the media loop
@@ -195,5 +224,6 @@ def _warmup() -> None:
 
 _warmup()
 batched_stream = _stream(detect_faces_batched)
+batched_send_stream = _stream(detect_faces_send, mode="send")
 perframe_stream = _stream(detect_faces_perframe)
 echo_stream = _stream(echo)

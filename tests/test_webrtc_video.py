@@ -211,3 +211,32 @@ async def test_receive_mode_streams_generated_video(serve):
         assert arr[..., 0].mean() > 180 and arr[..., 2].mean() < 60  # red arrives as RGB red
     finally:
         await client.close()
+
+
+async def test_send_mode_returns_detections_without_converting_or_encoding_a_frame(serve, monkeypatch):
+    """mode="send" (camera in, results out as AdditionalOutputs): no video track back, and not
+    one frame converted back for an encoder (what makes send-only sessions cheap)."""
+    from server.frames import FrameConverter
+
+    back: list[int] = []
+    real_to_frame = FrameConverter.to_frame
+    monkeypatch.setattr(FrameConverter, "to_frame", lambda self, *a, **k: back.append(1) or real_to_frame(self, *a, **k))
+
+    @batched(max_batch_size=8, max_queue_delay_ms=5, device="cpu")
+    def mean_red(frames: torch.Tensor, args: list[tuple]) -> list:
+        return [(f, AdditionalOutputs(float(f[..., 0].float().mean()))) for f in frames]
+
+    stream = Stream(mean_red, modality="video", mode="send", concurrency_limit=2)
+    server = serve(stream)
+    client, answer = await connect(server.http, "send-1", video=FrameSource(gradient))
+    try:
+        assert answer["type"] == "answer"
+        assert "m=video" in answer["sdp"] and "a=recvonly" in answer["sdp"]
+        await wait_for(lambda: sum(m.get("type") == "fetch_output" for m in client.messages) >= 10)
+        red = [m["data"][0] for m in client.messages if m.get("type") == "fetch_output"]
+        assert all(abs(r - 100) < 15 for r in red[-5:]), red[-5:]  # half the frame at 200, half 0
+        session = next(iter(stream.sessions.values()))
+        assert session.video.processed >= 10
+        assert back == [] and client.frames == []
+    finally:
+        await client.close()

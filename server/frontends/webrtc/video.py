@@ -126,6 +126,9 @@ class VideoPipeline:
                 session.send(create_message("end_stream", extra.msg))
                 session.close("handler closed the stream")
                 return
+            if not self.send_back:  # mode="send": results go out as AdditionalOutputs only
+                self.processed += 1
+                continue
             if array is None:
                 continue
             if not isinstance(array, np.ndarray) or array.ndim != 3 or array.shape[2] != 3 or array.dtype.kind not in "uif":
@@ -134,9 +137,6 @@ class VideoPipeline:
                 continue
             if array.shape[0] * array.shape[1] > self.max_pixels or min(array.shape[:2]) < 2:
                 session.report_handler_error(ValueError(f"handler returned a frame of shape {array.shape}"))
-                continue
-            if not self.send_back:  # mode="send": results go out as AdditionalOutputs only
-                self.processed += 1
                 continue
             out_frame = await loop.run_in_executor(media, self.conv.to_frame, array, self.fmt, frame.pts, frame.time_base)
             self.processed += 1
