@@ -88,6 +88,7 @@ APPS = {
     # mode="send": camera in, detections out on the data channel, no video back (no encode);
     # each detection carries its frame's index, so fps and latency are read from those
     "batched-send": "benchmarks.video_apps:batched_send_stream",
+    "batched-send-workers": "benchmarks.video_apps:batched_send_stream",
     "perframe": "benchmarks.video_apps:perframe_stream",
     "echo": "benchmarks.video_apps:echo_stream",
 }
@@ -573,7 +574,7 @@ class ServerProcess(UvicornProcess):
             env["BATCHRTC_DEVICE"] = device
         env.update(extra_env)
         # batched-workers: `uvicorn --workers N`, every worker feeding one engine process (server/engine/)
-        self.workers = workers if mode == "batched-workers" else 1
+        self.workers = workers if mode.endswith("-workers") else 1
         workers = ["--workers", str(self.workers)] if self.workers > 1 else []
         super().__init__([APPS[mode], "--host", "127.0.0.1", "--log-level", "warning", *workers], env,
                          name=f"bench_video_server_{mode}", prefix=prefix, start_timeout_s=start_timeout_s)
@@ -1246,7 +1247,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--client-procs", type=int, default=max(1, (os.cpu_count() or 1) // 4),
                     help="load-generator processes, each its own asyncio loop (default max(1, cores//4))")
     ap.add_argument("--workers", type=int, default=2,
-                    help="uvicorn --workers for mode batched-workers (front ends feeding one engine process; default 2)")
+                    help="uvicorn --workers for the *-workers modes (front ends feeding one engine process; default 2)")
     ap.add_argument("--max-batch", type=int, default=64, help="BENCH_MAX_BATCH for the batched app (default 64)")
     ap.add_argument("--max-delay-ms", type=float, default=8.0, help="BENCH_MAX_DELAY_MS (default 8)")
     ap.add_argument("--deadline-ms", type=float, default=100.0, help="BENCH_DEADLINE_MS (late frames dropped) (default 100)")
