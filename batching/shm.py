@@ -25,7 +25,7 @@ import numpy as np
 from .errors import QueueFullError
 from .process import SHM_PREFIX, _check_shm_room, _drop, _view
 
-__all__ = ["Block", "ShmArena", "ShmViews", "unlink_prefix", "sweep_dead"]
+__all__ = ["Block", "ShmArena", "ShmViews", "unlink_prefix", "sweep_dead", "pid_alive"]
 
 _MIN_CLASS = 12  # 4 KiB
 SHM_DIR = "/dev/shm"
@@ -166,33 +166,27 @@ class ShmViews:
 
 def unlink_prefix(prefix: str) -> int:
     """Unlink every segment whose name starts with `prefix` (its creator is gone)."""
-    n = 0
-    try:
-        names = os.listdir(SHM_DIR)
-    except OSError:
-        return 0
-    for name in names:
-        if name.startswith(prefix):
-            try:
-                os.unlink(os.path.join(SHM_DIR, name))
-                n += 1
-            except OSError:
-                pass
-    return n
+    return _unlink_where(lambda name: name.startswith(prefix))
 
 
 def sweep_dead() -> int:
     """Unlink batchrtc segments whose creating process no longer exists (SIGKILLed earlier)."""
+
+    def dead(name: str) -> bool:
+        pid = name[len(SHM_PREFIX):].split("_", 1)[0]
+        return name.startswith(SHM_PREFIX) and pid.isdigit() and not pid_alive(int(pid))
+
+    return _unlink_where(dead)
+
+
+def _unlink_where(pred: Any) -> int:
     n = 0
     try:
         names = os.listdir(SHM_DIR)
     except OSError:
         return 0
     for name in names:
-        if not name.startswith(SHM_PREFIX):
-            continue
-        pid = name[len(SHM_PREFIX):].split("_", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pred(name):
             try:
                 os.unlink(os.path.join(SHM_DIR, name))
                 n += 1
@@ -201,7 +195,8 @@ def sweep_dead() -> int:
     return n
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists (a zombie counts as existing)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

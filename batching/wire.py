@@ -12,7 +12,7 @@ import pickle
 import struct
 from typing import Any
 
-__all__ = ["MAX_MESSAGE", "encode", "read_message", "WireError"]
+__all__ = ["MAX_MESSAGE", "encode", "read_message", "portable", "WireError"]
 
 MAX_MESSAGE = 16 << 20
 _HEADER = struct.Struct("!I")
@@ -35,3 +35,14 @@ async def read_message(reader: asyncio.StreamReader) -> Any:
     if n > MAX_MESSAGE:
         raise WireError(f"message of {n} bytes announced; the limit is {MAX_MESSAGE}")
     return pickle.loads(await reader.readexactly(n))
+
+
+def portable(e: BaseException) -> BaseException:
+    """`e` if it pickles and unpickles as itself (to send it to the other process), else a
+    RuntimeError saying what it was. Drops the traceback (its frames may hold big arrays)."""
+    e.__traceback__ = None
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        return RuntimeError(f"{type(e).__module__}.{type(e).__qualname__}: {e}")

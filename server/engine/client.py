@@ -39,7 +39,7 @@ import numpy as np
 
 from batching.process import _unpack
 from batching.shm import Block, ShmArena
-from batching.wire import encode, read_message
+from batching.wire import encode, portable, read_message
 
 logger = logging.getLogger(__name__)
 
@@ -496,7 +496,7 @@ class EngineClient:
             pass
         except Exception as e:
             with contextlib.suppress(EngineUnavailable):
-                self._send(("fwd_res", key, False, _portable(e)))
+                self._send(("fwd_res", key, False, portable(e)))
         finally:
             self._serving.pop(key, None)
 
@@ -505,17 +505,6 @@ class EngineClient:
 
     async def status(self) -> dict[str, Any]:
         return await self.call("status", timeout=self.hang_timeout_s)
-
-
-def _portable(e: BaseException) -> BaseException:
-    import pickle
-
-    e.__traceback__ = None
-    try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:
-        return RuntimeError(f"{type(e).__name__}: {e}")
 
 
 class RemoteVAD:

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from batching.process import _pack
-from batching.shm import ShmViews, sweep_dead, unlink_prefix
-from batching.wire import encode, read_message
+from batching.shm import ShmViews, pid_alive, sweep_dead, unlink_prefix
+from batching.wire import encode, portable, read_message
 
 logger = logging.getLogger("batchrtc.engine")
 
@@ -65,18 +65,6 @@ class _Worker:
                 self.writer.write(encode(msg))
             except ValueError as e:  # a result too large for one message
                 logger.warning("engine: reply to worker %s dropped: %s", self.pid, e)
-
-
-def _error(e: BaseException) -> BaseException:
-    """An exception that pickles (and unpickles) as itself, else a RuntimeError saying what it was."""
-    import pickle
-
-    e.__traceback__ = None
-    try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:
-        return RuntimeError(f"{type(e).__module__}.{type(e).__qualname__}: {e}")
 
 
 class Engine:
@@ -250,7 +238,7 @@ class Engine:
         try:
             w.send(("res", req, True, await coro))
         except Exception as e:
-            w.send(("res", req, False, _error(e)))
+            w.send(("res", req, False, portable(e)))
 
     async def _register(self, name: str, ref: tuple[str, str], cfg: dict[str, Any]) -> None:
         await self.register(name, ref, cfg)
@@ -281,7 +269,7 @@ class Engine:
             probs = await stream.process(samples, source=(w.id, sid))
             w.send(("res", req, True, probs))
         except Exception as e:
-            w.send(("res", req, False, _error(e)))
+            w.send(("res", req, False, portable(e)))
 
     async def _video(self, w: _Worker, req: int, name: str, block: tuple[str, int, int],
                      shape: tuple[int, ...], args: tuple[Any, ...], src: Any) -> None:
@@ -303,7 +291,7 @@ class Engine:
             else:
                 w.send(("res", req, True, ("inline", out)))
         except Exception as e:
-            w.send(("res", req, False, _error(e)))
+            w.send(("res", req, False, portable(e)))
 
     # -- the shared session registry -----------------------------------------------------
     def _claim(self, w: _Worker, sid: str, limit: int) -> str | None:
@@ -391,7 +379,7 @@ class Engine:
             # if the worker is gone for good, unlink what it left in /dev/shm.
             await asyncio.sleep(0.5)
             self.views.forget(w.prefix)
-            if w.pid and not _alive(w.pid):
+            if w.pid and not pid_alive(w.pid):
                 unlink_prefix(w.prefix)
         logger.info("engine: worker %s disconnected; %d workers, %d sessions", w.pid, len(self.workers), len(self.sessions))
 
@@ -446,16 +434,6 @@ def _close_stream(fut: asyncio.Future[Any]) -> None:
         fut.result().close()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 async def _run(args: argparse.Namespace, generation: int) -> None:
     engine = Engine(generation)
     try:
@@ -473,7 +451,7 @@ async def _run(args: argparse.Namespace, generation: int) -> None:
     logger.info("engine (pid %d, generation %d) listening on %s", os.getpid(), generation, args.socket)
     try:
         while not stop.is_set():
-            if not _alive(args.owner):
+            if not pid_alive(args.owner):
                 break
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)
@@ -512,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(_run(args, generation))
     finally:
-        if not _alive(args.owner):
+        if not pid_alive(args.owner):
             for path in (args.lock, args.lock + ".spawn"):
                 try:
                     os.unlink(path)
