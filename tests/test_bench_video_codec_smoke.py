@@ -54,12 +54,16 @@ def test_bench_video_codec_quick(tmp_path):
     # totals + cores needed
     assert "totals for 64 sessions x 30 fps" in md
     totals = {r[0]: r for r in _table(md, "VP8: totals for")}
-    assert {"server", "load generators", "both"} <= totals.keys()
-    assert _num(totals["server"][3]) > 0 and _num(totals["load generators"][3]) > 0
+    send_row = 'server, mode="send" (no video back: no conversion back, encode or RTP out)'
+    assert {"server (send-receive)", send_row, "load generators", "both"} <= totals.keys()
+    assert _num(totals["server (send-receive)"][3]) > 0 and _num(totals["load generators"][3]) > 0
     t = data["results"][0]["totals"]
-    for side in ("server", "client"):
+    for side in ("server", "server_send", "client"):
         assert t[side]["cpu_ms_per_frame"] > 0
         assert t[side]["core_s_per_s"] == pytest.approx(t[side]["cpu_ms_per_frame"] * 64 * 30 / 1000)
+    # send-only = the server's stages minus what sending video back costs
+    back = sum(s["cpu_ms"] for s in data["results"][0]["stages"] if s["key"] in ("s_from_rgb", "s_encode", "s_tx"))
+    assert t["server_send"]["cpu_ms_per_frame"] == pytest.approx(t["server"]["cpu_ms_per_frame"] - back)
 
     # thread scaling: K=1 and K=2 for both chains, frames/s > 0
     scaling = _table(md, "VP8: thread scaling")
