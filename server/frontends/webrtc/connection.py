@@ -224,6 +224,16 @@ class WebRTCConnection:
             except Exception as e:
                 self.session.report_handler_error(e)
 
+    async def _drain_channel(self, timeout: float) -> None:
+        """Let the last messages (e.g. the error that says why the session ends) leave before
+        the peer connection closes: closing it drops what the data channel still buffers."""
+        await asyncio.sleep(0)  # sends scheduled from other threads run first
+        ch = self.channel.channel
+        deadline = asyncio.get_running_loop().time() + timeout
+        while (ch is not None and ch.readyState == "open" and ch.bufferedAmount > 0
+               and asyncio.get_running_loop().time() < deadline):
+            await asyncio.sleep(0.01)
+
     def _clear_audio(self) -> None:
         if self.audio_out is not None:
             call_on_loop(self.session.loop, self.audio_out.clear)
@@ -231,6 +241,7 @@ class WebRTCConnection:
     async def _close(self) -> None:
         if self.video_pipeline is not None:
             self.video_pipeline.stop()
+        await self._drain_channel(1.0)
         try:
             await asyncio.wait_for(self.pc.close(), 5)
         except Exception:
