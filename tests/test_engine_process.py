@@ -441,3 +441,30 @@ async def test_an_item_failing_with_a_timeout_error_is_not_an_engine_hang(tmp_pa
     deadline = time.monotonic() + 10
     while list(tmp_path.glob("engine-*.sock")) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
+
+
+def test_batch_histogram_reports_what_prometheus_histogram_would():
+    """The engine fills its queue-wait histogram a batch at a time; the exposition must be the
+    one `prometheus_client.Histogram` gives for the same values, item by item."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from server.engine.main import _TIME_BUCKETS, BatchHistogram
+
+    values = [*np.random.default_rng(0).exponential(0.01, 500), 0.001, 0.0025, 5.0]  # incl. values on a bound
+    reference = CollectorRegistry()
+    h = Histogram("wait_seconds", "doc", ["batcher"], buckets=_TIME_BUCKETS, registry=reference)
+    for v in values:
+        h.labels("vad").observe(v)
+    ours = CollectorRegistry()
+    b = BatchHistogram("wait_seconds", "doc", _TIME_BUCKETS)
+    ours.register(b)
+    b.observe_many("vad", values[:200])
+    b.observe_many("vad", values[200:])
+
+    def samples(r: CollectorRegistry) -> dict[str, float]:
+        lines = [ln for ln in generate_latest(r).decode().splitlines() if not ln.startswith("#") and "_created" not in ln]
+        return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in lines}
+
+    want, got = samples(reference), samples(ours)
+    assert want.keys() == got.keys()
+    assert all(got[k] == pytest.approx(v) for k, v in want.items()), (want, got)

@@ -24,13 +24,14 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from typing import Any
 
 import numpy as np
 
-from batching.process import _pack
+from batching.process import _pack, _packed_size, _write_packed
 from batching.shm import ShmViews, pid_alive, sweep_dead, unlink_prefix
 from batching.wire import encode, portable, read_message
 
@@ -38,6 +39,39 @@ logger = logging.getLogger("batchrtc.engine")
 
 _ITEM_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _TIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class BatchHistogram:
+    """A Prometheus histogram by batcher, filled a batch at a time: one numpy bucket count per
+    batch on the batch thread, instead of one `Histogram.observe` per item (measured 2.6 ms of
+    the batch thread, holding the GIL, per 500-item VAD batch). A collector for a registry."""
+
+    def __init__(self, name: str, doc: str, bounds: tuple[float, ...]) -> None:
+        self.name, self.doc = name, doc
+        self.bounds = np.asarray(bounds, dtype=np.float64)
+        self._lock = threading.Lock()
+        self._data: dict[str, tuple[np.ndarray, float]] = {}
+
+    def observe_many(self, label: str, values: list[float]) -> None:
+        v = np.asarray(values, dtype=np.float64)
+        # bucket i holds values <= bounds[i] (Prometheus' `le`); the last one the rest (+Inf)
+        counts = np.bincount(np.searchsorted(self.bounds, v), minlength=self.bounds.size + 1)
+        with self._lock:
+            old, total = self._data.get(label, (0, 0.0))
+            self._data[label] = (old + counts, total + float(v.sum()))
+
+    def collect(self) -> Any:
+        from prometheus_client.core import HistogramMetricFamily
+        from prometheus_client.utils import floatToGoString
+
+        family = HistogramMetricFamily(self.name, self.doc, labels=["batcher"])
+        with self._lock:
+            data = list(self._data.items())
+        for label, (counts, total) in data:
+            cum = np.cumsum(counts)
+            buckets = [(floatToGoString(b), float(c)) for b, c in zip(self.bounds, cum)]
+            family.add_metric([label], [*buckets, ("+Inf", float(cum[-1]))], sum_value=total)
+        yield family
 
 
 class _Worker:
@@ -87,8 +121,9 @@ class Engine:
         self.registry = CollectorRegistry(auto_describe=True)
         self.h_items = Histogram("batchrtc_engine_batch_items", "Items per batch, by the front-end process (pid) that sent them",
                                  ["batcher", "worker"], buckets=_ITEM_BUCKETS, registry=self.registry)
-        self.h_wait = Histogram("batchrtc_engine_queue_wait_seconds", "Time an item waited in the engine's batcher queue",
-                                ["batcher"], buckets=_TIME_BUCKETS, registry=self.registry)
+        self.h_wait = BatchHistogram("batchrtc_engine_queue_wait_seconds", "Time an item waited in the engine's batcher queue",
+                                     _TIME_BUCKETS)
+        self.registry.register(self.h_wait)
         self.c_mixed = Counter_("batchrtc_engine_mixed_batches", "Batches holding items from more than one front-end process",
                                 ["batcher"], registry=self.registry)
         self.h_run = Histogram("batchrtc_engine_batch_run_seconds", "Time a batch ran in the engine",
@@ -97,17 +132,15 @@ class Engine:
     # -- batchers ------------------------------------------------------------------------
     def _watch(self, batcher: Any) -> None:
         name = batcher.name
-        pids = self.workers  # sources are (worker id, ...) tuples
 
         def on_batch(sources: list[Any], waits: list[float], run_s: float) -> None:
-            per = Counter(s[0] for s in sources if isinstance(s, tuple))
+            per = Counter(s[0] for s in sources if isinstance(s, tuple))  # (worker id, ...) sources
             if len(per) > 1:
                 self.c_mixed.labels(name).inc()
             for wid, n in per.items():
-                w = pids.get(wid)
+                w = self.workers.get(wid)
                 self.h_items.labels(name, w.label if w is not None else "gone").observe(n)
-            for t in waits:
-                self.h_wait.labels(name).observe(t)
+            self.h_wait.observe_many(name, waits)
             self.h_run.labels(name).observe(run_s)
 
         batcher.on_batch = on_batch
@@ -280,12 +313,10 @@ class Engine:
             out = await h.submit(frame, args, source=(w.id, src))
             del frame
             packed, arrays = _pack(out)
-            total = arrays[-1][0] + arrays[-1][1].nbytes if arrays else 0
-            if arrays and total <= block[2]:
+            if arrays and _packed_size(arrays) <= block[2]:
                 # The frame has been read: its block carries the result back (no pickling).
                 buf = self.views.buffer(block)
-                for off, a in arrays:
-                    np.frombuffer(buf, a.dtype, a.size, off).reshape(a.shape)[...] = a
+                _write_packed(buf, arrays)
                 del buf
                 w.send(("res", req, True, ("shm", packed)))
             else:
