@@ -350,6 +350,17 @@ def _pack(result: Any) -> tuple[Any, list[tuple[int, np.ndarray]]]:
     return _walk(result, leaf), arrays
 
 
+def _packed_size(arrays: list[tuple[int, np.ndarray]]) -> int:
+    """Bytes of block `_write_packed` needs for `_pack`'s arrays."""
+    return arrays[-1][0] + arrays[-1][1].nbytes if arrays else 0
+
+
+def _write_packed(buf: memoryview, arrays: list[tuple[int, np.ndarray]]) -> None:
+    """Copy `_pack`'s arrays to their offsets in `buf` (which `_unpack` then reads)."""
+    for off, a in arrays:
+        _view(buf, a.shape, a.dtype, off)[...] = a
+
+
 def _unpack(packed: Any, buf: memoryview) -> Any:
     """Not views on the block (it is reused by the next call): one copy of the used region, and
     each array a view into that copy. One big copy instead of one per frame: for 16 640x480
@@ -412,13 +423,12 @@ def _serve(conn: Connection, fn: Callable[[np.ndarray, Any], Any], blocks: dict[
         result = fn(batch, meta)
         del batch
         packed, arrays = _pack(result)
-        total = arrays[-1][0] + arrays[-1][1].nbytes if arrays else 0
+        total = _packed_size(arrays)
         out = _attach(blocks, "out", out_name)
         if total > out.size:
             conn.send(("need", total))
             out = _attach(blocks, "out", conn.recv()[1])
-        for off, a in arrays:
-            _view(out.buf, a.shape, a.dtype, off)[...] = a
+        _write_packed(out.buf, arrays)
         return ("ok", packed)
     except Exception as e:
         return _error_reply(e)

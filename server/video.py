@@ -33,6 +33,7 @@ from batching.process import ProcessRunner
 from models.device import default_device
 
 from .config import load_settings
+from .engine import engine_client
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ class BatchedHandler:
         self._runner: ProcessRunner | None = None
         self._lock = threading.Lock()
         self.__name__ = getattr(fn, "__name__", "batched")
+        # what names this handler in the engine process (engine mode)
+        self.engine_name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', self.__name__)}"
         self.__doc__ = fn.__doc__
 
     def _no_process(self, fn: Any) -> None:
@@ -141,7 +144,7 @@ class BatchedHandler:
         In engine mode the frame goes to the engine process's batcher (through shared memory)."""
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
             raise ValueError(f"video frames must be uint8 [H, W, 3]; got {frame.dtype} {frame.shape}")
-        client = self._engine()
+        client = engine_client()
         if client is not None:
             return await client.submit_video(self.engine_name, np.ascontiguousarray(frame), tuple(args),
                                              _source_key(source), timeout=self.call_timeout_s)
@@ -149,10 +152,6 @@ class BatchedHandler:
         return await self.batcher.submit(_Frame(frame, args), deadline=deadline, drop_if_late=True, source=source)
 
     # -- engine mode -------------------------------------------------------------------------
-    @property
-    def engine_name(self) -> str:
-        return f"{getattr(self.fn, '__module__', '?')}:{getattr(self.fn, '__qualname__', self.__name__)}"
-
     def engine_spec(self) -> tuple[str, tuple[str, str], dict[str, Any]]:
         """What the engine process needs to run this handler: its name, where to import it
         from, and its batching settings."""
@@ -172,28 +171,23 @@ class BatchedHandler:
                "device": str(self.device), "call_timeout_s": self.call_timeout_s}
         return self.engine_name, ref, cfg
 
-    def _engine(self) -> Any:
-        from .engine import engine_client
-
-        return engine_client()
-
     def add_producer(self) -> None:
         """A session feeds this handler (see `DynamicBatcher.add_producer`)."""
-        client = self._engine()
+        client = engine_client()
         if client is not None:
             client.producer(self.engine_name, 1)
         else:
             self.batcher.add_producer()
 
     def remove_producer(self) -> None:
-        client = self._engine()
+        client = engine_client()
         if client is not None:
             client.producer(self.engine_name, -1)
         elif self._batcher is not None:
             self._batcher.remove_producer()
 
     def forget_source(self, source: Any) -> None:
-        client = self._engine()
+        client = engine_client()
         if client is not None:
             client.forget_source(self.engine_name, _source_key(source))
         elif self._batcher is not None:

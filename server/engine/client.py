@@ -147,7 +147,7 @@ class EngineClient:
         self._req = itertools.count(1)
         self._handlers: dict[str, tuple[tuple[str, str], dict[str, Any]]] = {}
         self._producers: Counter[str] = Counter()
-        self._claims: dict[str, int] = {}
+        self._claims: set[str] = set()  # ids this process holds, told again to a new engine
         self._task: asyncio.Task[Any] | None = None
         self._last_spawn = 0.0
         self._spawn_fd: int | None = None
@@ -270,7 +270,7 @@ class EngineClient:
         for name, n in self._producers.items():
             if n > 0:
                 self._send(("producer", name, n))
-        for sid, limit in self._claims.items():
+        for sid in self._claims:  # already admitted: no limit applies again
             self._send(("claim", next(self._req), sid, 1 << 30))
         if self.ui_sock is not None:
             self._send(("ui_sock", self.ui_sock))
@@ -424,11 +424,12 @@ class EngineClient:
         """None if the id is now this process's, else FastRTC's refusal code."""
         refusal = await self.call("claim", webrtc_id, limit, timeout=self.hang_timeout_s)
         if refusal is None:
-            self._claims[webrtc_id] = limit
+            self._claims.add(webrtc_id)
         return refusal
 
     def release(self, webrtc_id: str) -> None:
-        if self._claims.pop(webrtc_id, None) is not None:
+        if webrtc_id in self._claims:
+            self._claims.discard(webrtc_id)
             with contextlib.suppress(EngineUnavailable):
                 self._send(("release", webrtc_id))
 

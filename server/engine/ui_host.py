@@ -105,10 +105,11 @@ class UIProxy:
         url = scope.get("raw_path", scope["path"].encode()) + (b"?" + query if query else b"")
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _HOP_BY_HOP]
         headers.append((_PROXIED, b"1"))
+        http = self._http(path)
         try:
-            request = self._http(path).build_request(scope["method"], "http://ui" + url.decode("latin-1"),
-                                                     headers=headers, content=body())
-            response = await self._http(path).send(request, stream=True)
+            request = http.build_request(scope["method"], "http://ui" + url.decode("latin-1"),
+                                         headers=headers, content=body())
+            response = await http.send(request, stream=True)
         except httpx.HTTPError as e:
             logger.warning("/ui: the UI host (%s) did not answer: %s", path, e)
             await send({"type": "http.response.start", "status": 502,
