@@ -37,6 +37,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -50,6 +51,8 @@ _INSTALL_HINT = "pip install --no-deps facenet-pytorch==2.6.0"
 _NMS_BLOCK_ELEMS = 1 << 24
 # Crops per RNet/ONet forward call; bounds activation memory for huge candidate sets.
 _NET_CHUNK = 4096
+# Frames per dynamic-pipeline pass on a CPU (see FaceDetector.detect).
+_CPU_CHUNK = 8
 
 
 def weights_dir() -> str:
@@ -269,26 +272,36 @@ def _greedy(sup: Tensor, valid: Tensor, block: int = 128) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ box helpers
+# Boxes are ``[..., >=4]`` (x1, y1, x2, y2, ...): the same code serves a flat ``[N, 5]`` list and
+# the fixed pipeline's ``[B, K, 5]`` tables.
 def _rerec(b: Tensor) -> Tensor:
-    """Square boxes ``[N, >=4]`` around their centres (side = longer side)."""
+    """Square boxes around their centres (side = longer side)."""
     b = b.clone()
-    h = b[:, 3] - b[:, 1]
-    w = b[:, 2] - b[:, 0]
+    h = b[..., 3] - b[..., 1]
+    w = b[..., 2] - b[..., 0]
     side = torch.maximum(w, h)
-    b[:, 0] = b[:, 0] + w * 0.5 - side * 0.5
-    b[:, 1] = b[:, 1] + h * 0.5 - side * 0.5
-    b[:, 2] = b[:, 0] + side
-    b[:, 3] = b[:, 1] + side
+    b[..., 0] = b[..., 0] + w * 0.5 - side * 0.5
+    b[..., 1] = b[..., 1] + h * 0.5 - side * 0.5
+    b[..., 2] = b[..., 0] + side
+    b[..., 3] = b[..., 1] + side
     return b
 
 
 def _bbreg(b: Tensor, reg: Tensor) -> Tensor:
     """Apply R/ONet box regression (inclusive-pixel widths, as in MTCNN)."""
     b = b.clone()
-    w = b[:, 2] - b[:, 0] + 1
-    h = b[:, 3] - b[:, 1] + 1
-    b[:, :4] = b[:, :4] + reg * torch.stack([w, h, w, h], dim=1)
+    w = b[..., 2] - b[..., 0] + 1
+    h = b[..., 3] - b[..., 1] + 1
+    b[..., :4] = b[..., :4] + reg * torch.stack([w, h, w, h], dim=-1)
     return b
+
+
+def _pnet_boxes(bx: Tensor, reg: Tensor, score: Tensor) -> Tensor:
+    """PNet's regression (exclusive widths) and squaring -> ``[..., 5]`` with the score."""
+    rw = bx[..., 2] - bx[..., 0]
+    rh = bx[..., 3] - bx[..., 1]
+    bx = bx + reg * torch.stack([rw, rh, rw, rh], dim=-1)
+    return _rerec(torch.cat([bx, score[..., None]], dim=-1))
 
 
 def _crop_bounds(b: Tensor, w: int, h: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -311,35 +324,61 @@ def _area_bins(start: Tensor, stop: Tensor, size: int) -> tuple[Tensor, Tensor]:
 
 
 class _Integral:
-    """Summed-area table of a uint8 ``[B, H, W, 3]`` batch, built on first use."""
+    """Summed-area table of a uint8 ``[B, H, W, 3]`` batch: every area resize (the pyramid
+    levels and the R/ONet crops) is four lookups in it instead of a pass over the pixels."""
 
     def __init__(self, frames: Tensor) -> None:
-        self.frames = frames
-        self._table: Tensor | None = None
+        b, h, w, c = frames.shape
+        dtype = torch.int32 if 255 * h * w < 2**31 else torch.int64
+        # [B, H+1, W+1, 3] with a zero first row and column; the sums are written in place.
+        self.table = t = frames.new_empty((b, h + 1, w + 1, c), dtype=dtype)
+        t[:, 0].zero_()
+        t[:, 1:, 0].zero_()
+        inner = t[:, 1:, 1:]
+        torch.cumsum(frames, 1, dtype=dtype, out=inner)
+        torch.cumsum(inner, 2, out=inner)
 
-    @property
-    def table(self) -> Tensor:
-        if self._table is None:
-            b, h, w, c = self.frames.shape
-            dtype = torch.int32 if 255 * h * w < 2**31 else torch.int64
-            t = self.frames.cumsum(1, dtype=dtype).cumsum(2, dtype=dtype)
-            self._table = F.pad(t, (0, 0, 1, 0, 1, 0))  # [B, H+1, W+1, 3], zero row/col first
-        return self._table
+    def pyramid(self, corners: Tensor, scale: Tensor, shapes: Sequence[tuple[int, int]]
+                ) -> list[Tensor]:
+        """Every frame area-resized to every pyramid level, normalised for the nets.
+
+        ``corners [4, N]`` are the flat table offsets (within one frame) of each output
+        value's bin corners, all levels concatenated; ``scale [N]`` is ``1 / bin area``.
+        Equal to ``interpolate(frames, size, mode="area")`` per level (the bins of
+        ``adaptive_avg_pool2d``) with exact integer sums, in one gather for the whole pyramid.
+        -> ``[B, 3, h, w]`` per level (channels-last views).
+        """
+        b = self.table.shape[0]
+        n = corners.shape[1]
+        v = torch.gather(self.table.view(b, -1), 1, corners.view(1, -1).expand(b, -1))
+        v = v.view(b, 4, n)
+        sums = (v[:, 0] - v[:, 1] - v[:, 2] + v[:, 3]).to(torch.float32)
+        flat = _normalise(sums * scale)
+        out, o = [], 0
+        for h, w in shapes:
+            out.append(flat[:, o:o + h * w * 3].view(b, h, w, 3).permute(0, 3, 1, 2))
+            o += h * w * 3
+        return out
 
     def crops(self, frame_idx: Tensor, y0: Tensor, y1: Tensor, x0: Tensor, x1: Tensor,
               size: int) -> Tensor:
         """Area-resample the crops ``[y0,y1) x [x0,x1)`` of the given frames -> ``[N,3,s,s]``.
 
-        Equal to ``interpolate(frame[:, y0:y1, x0:x1], (size, size), mode="area")`` per crop.
+        Equal to ``interpolate(frame[:, y0:y1, x0:x1], (size, size), mode="area")`` per crop;
+        one ``index_select`` for the four corners of every bin of every crop.
         """
         t = self.table
+        _, hp, wp, c = t.shape
+        n = frame_idx.shape[0]
         ys, ye = _area_bins(y0, y1, size)
         xs, xe = _area_bins(x0, x1, size)
-        f = frame_idx[:, None, None]
-        ys, ye = ys[:, :, None], ye[:, :, None]
-        xs, xe = xs[:, None, :], xe[:, None, :]
-        total = t[f, ye, xe] - t[f, ys, xe] - t[f, ye, xs] + t[f, ys, xs]  # [N, s, s, 3]
-        area = ((ye - ys) * (xe - xs)).to(torch.float32)
+        base = frame_idx[:, None] * hp
+        rs, re = ((base + ys) * wp)[:, :, None], ((base + ye) * wp)[:, :, None]
+        cs, ce = xs[:, None, :], xe[:, None, :]
+        idx = torch.stack([re + ce, re + cs, rs + ce, rs + cs])  # [4, N, s, s]
+        v = t.view(-1, c).index_select(0, idx.view(-1)).view(4, n, size, size, c)
+        total = v[0] - v[1] - v[2] + v[3]
+        area = ((ye - ys)[:, :, None] * (xe - xs)[:, None, :]).to(torch.float32)
         return (total.to(torch.float32) / area[..., None]).permute(0, 3, 1, 2)
 
 
@@ -348,12 +387,19 @@ def _normalise(x: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------- detector
+def _pnet_out(n: int) -> int:
+    """PNet's output length for an input length (3x3 conv, 2x2 ceil pool, two 3x3 convs)."""
+    return (n - 2 + 1) // 2 - 4
+
+
 class _Pyramid:
-    """Per frame shape: the scales, the resized sizes and PNet's flattened-position tables."""
+    """Per frame shape: the scales, each level's area bins, and every PNet output position's
+    window box and scale index (all levels concatenated, frame-independent)."""
 
     def __init__(self, h: int, w: int, min_face_size: int, factor: float) -> None:
         m = 12.0 / min_face_size
         minl = min(h, w) * m
+        self.h, self.w = h, w
         self.scales: list[float] = []
         s = m
         while minl >= 12:
@@ -361,30 +407,64 @@ class _Pyramid:
             s *= factor
             minl *= factor
         self.sizes = [(int(h * s + 1), int(w * s + 1)) for s in self.scales]
-        self.tables: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        self.out_sizes = [(_pnet_out(sh), _pnet_out(sw)) for sh, sw in self.sizes]
+        self.positions = sum(oh * ow for oh, ow in self.out_sizes)
+        self._dev: dict[torch.device, tuple[tuple[Tensor, Tensor], Tensor, Tensor]] = {}
 
-    def position_tables(self, out_sizes: Sequence[tuple[int, int]], device: torch.device
-                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Per PNet output position, all scales concatenated: x, y (float), scale, scale index."""
-        if device not in self.tables:
-            xs, ys, sc, si = [], [], [], []
-            for k, ((oh, ow), s) in enumerate(zip(out_sizes, self.scales)):
+    def tables(self, device: torch.device) -> tuple[tuple[Tensor, Tensor], Tensor, Tensor]:
+        """(``(corners [4, N], scale [N])`` for ``_Integral.pyramid``, window boxes
+        ``[P, 4]``, scale index ``[P]``), cached per device."""
+        if device not in self._dev:
+            wp = self.w + 1
+            chan = torch.arange(3)
+            corners, scale = [], []
+            for sh, sw in self.sizes:
+                ys, ye = (v[0] for v in _area_bins(torch.zeros(1, dtype=torch.long),
+                                                   torch.tensor([self.h]), sh))
+                xs, xe = (v[0] for v in _area_bins(torch.zeros(1, dtype=torch.long),
+                                                   torch.tensor([self.w]), sw))
+
+                def flat(r: Tensor, c: Tensor) -> Tensor:
+                    return ((r[:, None, None] * wp + c[None, :, None]) * 3 + chan).reshape(-1)
+
+                corners.append(torch.stack([flat(ye, xe), flat(ye, xs), flat(ys, xe),
+                                            flat(ys, xs)]))
+                area = ((ye - ys)[:, None] * (xe - xs)[None, :]).to(torch.float32)
+                scale.append((1.0 / area)[:, :, None].expand(sh, sw, 3).reshape(-1))
+            boxes, index = [], []
+            for k, ((oh, ow), s) in enumerate(zip(self.out_sizes, self.scales)):
                 yy, xx = torch.meshgrid(torch.arange(oh), torch.arange(ow), indexing="ij")
-                xs.append(xx.reshape(-1).float())
-                ys.append(yy.reshape(-1).float())
-                sc.append(torch.full((oh * ow,), s, dtype=torch.float32))
-                si.append(torch.full((oh * ow,), k, dtype=torch.long))
-            self.tables[device] = tuple(  # type: ignore[assignment]
-                torch.cat(v).to(device) for v in (xs, ys, sc, si))
-        return self.tables[device]
+                x, y = xx.reshape(-1).float(), yy.reshape(-1).float()
+                boxes.append(torch.stack([torch.floor((2 * x + 1) / s), torch.floor((2 * y + 1) / s),
+                                          torch.floor((2 * x + 12) / s),
+                                          torch.floor((2 * y + 12) / s)], dim=1))
+                index.append(torch.full((oh * ow,), k, dtype=torch.long))
+            self._dev[device] = ((torch.cat(corners, 1).to(device), torch.cat(scale).to(device)),
+                                 torch.cat(boxes).to(device), torch.cat(index).to(device))
+        return self._dev[device]
+
+
+PIPELINES = ("auto", "dynamic", "fixed", "graph")
 
 
 class FaceDetector:
-    """Batched MTCNN face detector (facenet-pytorch's algorithm and weights, own torch code)."""
+    """Batched MTCNN face detector (facenet-pytorch's algorithm and weights, own torch code).
+
+    ``min_face_size`` (pixels, default 40) is the speed knob: the first pyramid level scales a
+    frame by ``12 / min_face_size``, and PNet's cost goes with that level's area, so doubling it
+    makes stage 1 about four times cheaper and misses faces smaller than it.
+
+    ``pipeline`` picks how a batch runs: ``"dynamic"`` (candidate lists of whatever size each
+    stage leaves; host syncs between stages; the CPU default), ``"fixed"`` (every stage on
+    fixed-size candidate tables, no host sync until the end; see ``models.detector_graph``),
+    ``"graph"`` (the fixed pipeline captured as one CUDA graph per batch-size bucket and frame
+    shape; the CUDA default). A batch whose candidates overflow the fixed tables is re-run on
+    the dynamic pipeline, so all three give the same detections.
+    """
 
     def __init__(self, device: torch.device | str | None = None, *, min_face_size: int = 40,
                  thresholds: Sequence[float] = (0.6, 0.7, 0.7), factor: float = 0.709,
-                 max_faces: int = 32) -> None:
+                 max_faces: int = 32, pipeline: str = "auto") -> None:
         if device is None:
             from models.device import default_device
             device = default_device()
@@ -394,7 +474,14 @@ class FaceDetector:
             raise ValueError("factor must be in (0, 1)")
         if len(thresholds) != 3:
             raise ValueError("thresholds must have three values (PNet, RNet, ONet)")
+        if pipeline not in PIPELINES:
+            raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
         self.device = torch.device(device)
+        if pipeline == "auto":
+            pipeline = "graph" if self.device.type == "cuda" else "dynamic"
+        if pipeline == "graph" and self.device.type != "cuda":
+            raise ValueError("pipeline='graph' needs a CUDA device")
+        self.pipeline = pipeline
         self.min_face_size = int(min_face_size)
         self.thresholds = tuple(float(t) for t in thresholds)
         self.factor = float(factor)
@@ -403,7 +490,20 @@ class FaceDetector:
         for net, name in ((self.pnet, "pnet"), (self.rnet, "rnet"), (self.onet, "onet")):
             net.load_state_dict(_load_state(name))
             net.to(device=self.device, dtype=torch.float32).eval().requires_grad_(False)
+            # Inputs arrive channels-last (views of [B, H, W, 3] frames): keep the weights so.
+            net.to(memory_format=torch.channels_last)
         self._pyramids: dict[tuple[int, int], _Pyramid] = {}
+        self._fixed = None
+        if pipeline != "dynamic":
+            from models.detector_graph import FixedPipeline
+            self._fixed = FixedPipeline(self, graphs=pipeline == "graph")
+        # The fixed pipeline's graphs own their input/output buffers: one batch at a time.
+        self._lock = threading.Lock()
+
+    @property
+    def fallbacks(self) -> int:
+        """Batches the fixed pipeline handed to the dynamic one (candidate tables overflowed)."""
+        return self._fixed.fallbacks if self._fixed is not None else 0
 
     def _pyramid(self, h: int, w: int) -> _Pyramid:
         key = (h, w)
@@ -425,53 +525,61 @@ class FaceDetector:
         out_device = frames.device
         frames = frames.to(self.device)
         b, h, w, _ = frames.shape
-        boxes, fidx = self._detect(frames)
-        return [r.to(out_device) for r in self._split(boxes, fidx, b)]
+        if b == 0:
+            return []
+        if not self._pyramid(h, w).scales:
+            return [torch.zeros(0, 5, device=out_device) for _ in range(b)]
+        with self._lock:
+            if self._fixed is not None:
+                result = self._fixed.detect(frames)
+                if result is not None:
+                    return [r.to(out_device) for r in result]
+            # On a CPU a batch gains nothing past a few frames and large ones fall out of the
+            # caches (32 frames: 30 frames/s vs 52 for 8), so it runs in chunks.
+            step = _CPU_CHUNK if self.device.type == "cpu" else b
+            out = []
+            for i in range(0, b, step):
+                boxes, fidx = self._detect(frames[i:i + step])
+                out += self._split(boxes, fidx, min(step, b - i))
+            return [r.to(out_device) for r in out]
 
     # -- stages ---------------------------------------------------------------------------
+    def _pnet_maps(self, frames: Tensor) -> tuple[_Integral, Tensor, Tensor]:
+        """Stage 1 for every frame and level: ``(integral, prob [B, P], reg [B, 4, P])``."""
+        b, h, w, _ = frames.shape
+        pyr = self._pyramid(h, w)
+        (corners, scale), _, _ = pyr.tables(self.device)
+        integral = _Integral(frames)
+        probs, regs = [], []
+        for level in integral.pyramid(corners, scale, pyr.sizes):
+            reg, prob = self.pnet(level)
+            probs.append(prob[:, 1].reshape(b, -1))
+            regs.append(reg.reshape(b, 4, -1))
+        return integral, torch.cat(probs, dim=1), torch.cat(regs, dim=2)
+
     def _detect(self, frames: Tensor) -> tuple[Tensor, Tensor]:
+        """The dynamic pipeline -> ``(boxes [N, 5], frame index [N])``."""
         b, h, w, _ = frames.shape
         dev = self.device
         empty = (torch.zeros(0, 5, device=dev), torch.zeros(0, dtype=torch.long, device=dev))
-        pyr = self._pyramid(h, w)
-        if b == 0 or not pyr.scales:
-            return empty
         t1, t2, t3 = self.thresholds
+        pyr = self._pyramid(h, w)
+        _, window, scale_i = pyr.tables(dev)
 
-        # Stage 1: PNet over the pyramid, all frames per scale.
-        imgs = frames.permute(0, 3, 1, 2).float()
-        regs, probs, out_sizes = [], [], []
-        for size in pyr.sizes:
-            reg, prob = self.pnet(_normalise(F.interpolate(imgs, size=size, mode="area")))
-            out_sizes.append(tuple(prob.shape[2:]))
-            probs.append(prob[:, 1].reshape(b, -1))
-            regs.append(reg.reshape(b, 4, -1))
-        del imgs
-        px, py, pscale, pscale_i = pyr.position_tables(out_sizes, dev)
-        prob = torch.cat(probs, dim=1)  # [B, P]
-        reg = torch.cat(regs, dim=2)  # [B, 4, P]
+        # Stage 1: PNet over the pyramid; candidates of every frame and scale in one list.
+        integral, prob, reg = self._pnet_maps(frames)
         fi, pi = (prob >= t1).nonzero(as_tuple=True)
         if fi.numel() == 0:
             return empty
         score = prob[fi, pi]
-        s = pscale[pi]
-        q1x = torch.floor((2 * px[pi] + 1) / s)
-        q1y = torch.floor((2 * py[pi] + 1) / s)
-        q2x = torch.floor((2 * px[pi] + 12) / s)
-        q2y = torch.floor((2 * py[pi] + 12) / s)
-        bx = torch.stack([q1x, q1y, q2x, q2y], dim=1)
+        bx = window[pi]
         r = reg[fi, :, pi]  # [N, 4]
         # NMS within each (frame, scale), then within each frame across scales.
-        keep = batched_nms(bx, score, fi * len(pyr.scales) + pscale_i[pi], 0.5)
+        keep = batched_nms(bx, score, fi * len(pyr.scales) + scale_i[pi], 0.5)
         bx, score, r, fi = bx[keep], score[keep], r[keep], fi[keep]
         keep = batched_nms(bx, score, fi, 0.7)
-        bx, score, r, fi = bx[keep], score[keep], r[keep], fi[keep]
-        rw = bx[:, 2] - bx[:, 0]
-        rh = bx[:, 3] - bx[:, 1]
-        bx = bx + r * torch.stack([rw, rh, rw, rh], dim=1)
-        boxes = _rerec(torch.cat([bx, score[:, None]], dim=1))
-
-        integral = _Integral(frames)
+        boxes = _pnet_boxes(bx[keep], r[keep], score[keep])
+        fi = fi[keep]
 
         # Stage 2: RNet on 24x24 crops of every candidate of every frame.
         boxes, fi, out = self._refine(integral, boxes, fi, 24, self.rnet, w, h)
@@ -535,36 +643,75 @@ def draw_boxes(frames: Tensor, boxes: Sequence[Tensor], color: Sequence[int] = (
 
     ``boxes[i]`` is ``[N_i, >=4]`` (x1, y1, x2, y2, ...) for frame ``i``. Corners are rounded to
     pixels and clamped to the frame; the outline is ``thickness`` pixels drawn inward from the
-    box edges (both corners inclusive). Boxes entirely outside the frame are skipped. Done with
-    slice assignments on the frames' device (one host read of all box coordinates).
+    box edges (both corners inclusive). Boxes entirely outside the frame are skipped.
+
+    On a GPU the whole batch is drawn with a fixed number of kernels (``_draw_masked``); on a
+    CPU four slice assignments per box are far cheaper (0.8 ms vs 18 ms for 8 640x480 frames
+    with a face each, this repo's 2-core box) and launch nothing.
     """
     if frames.dim() != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be [B, H, W, 3], got {tuple(frames.shape)}")
     if len(boxes) != frames.shape[0]:
         raise ValueError(f"got {len(boxes)} box lists for {frames.shape[0]} frames")
+    t = max(1, int(thickness))
+    if sum(int(bx.shape[0]) for bx in boxes) == 0:
+        return frames.clone()
+    if frames.device.type != "cpu":
+        return _draw_masked(frames, boxes, color, t)
     out = frames.clone()
     _, h, w, _ = frames.shape
-    t = max(1, int(thickness))
-    col = torch.tensor(list(color), dtype=frames.dtype, device=frames.device)
-    counts = [int(bx.shape[0]) for bx in boxes]
-    if sum(counts) == 0:
-        return out
-    coords = torch.cat([bx[:, :4].detach().float().to(frames.device)
-                        for bx in boxes if bx.shape[0]])
-    coords = coords.round().cpu().tolist()  # the one host read
-    frame_of = [i for i, c in enumerate(counts) for _ in range(c)]
-    for i, (x1, y1, x2, y2) in zip(frame_of, coords):
-        x1, x2 = (x1, x2) if x1 <= x2 else (x2, x1)
-        y1, y2 = (y1, y2) if y1 <= y2 else (y2, y1)
-        if not all(map(math.isfinite, (x1, y1, x2, y2))):
-            continue
-        if x2 < 0 or y2 < 0 or x1 > w - 1 or y1 > h - 1:
-            continue
-        xa, xb = max(int(x1), 0), min(int(x2), w - 1) + 1  # half-open column range
-        ya, yb = max(int(y1), 0), min(int(y2), h - 1) + 1
-        img = out[i]
-        img[ya:min(ya + t, yb), xa:xb] = col
-        img[max(yb - t, ya):yb, xa:xb] = col
-        img[ya:yb, xa:min(xa + t, xb)] = col
-        img[ya:yb, max(xb - t, xa):xb] = col
+    col = torch.tensor(list(color), dtype=frames.dtype)
+    for i, bx in enumerate(boxes):
+        for x1, y1, x2, y2 in bx[:, :4].detach().float().cpu().round().tolist():
+            x1, x2 = min(x1, x2), max(x1, x2)
+            y1, y2 = min(y1, y2), max(y1, y2)
+            if not all(map(math.isfinite, (x1, y1, x2, y2))):
+                continue
+            if x2 < 0 or y2 < 0 or x1 > w - 1 or y1 > h - 1:
+                continue
+            xa, xb = max(int(x1), 0), min(int(x2), w - 1) + 1  # half-open column range
+            ya, yb = max(int(y1), 0), min(int(y2), h - 1) + 1
+            img = out[i]
+            img[ya:min(ya + t, yb), xa:xb] = col
+            img[max(yb - t, ya):yb, xa:xb] = col
+            img[ya:yb, xa:min(xa + t, xb)] = col
+            img[ya:yb, max(xb - t, xa):xb] = col
     return out
+
+
+def _draw_masked(frames: Tensor, boxes: Sequence[Tensor], color: Sequence[int], t: int
+                 ) -> Tensor:
+    """``draw_boxes`` as batched tensor ops, whatever the number of boxes: a pixel is on some
+    box's outline iff (boxes whose rectangle holds it) - (boxes whose inner rectangle holds it)
+    > 0, and both counts are one batched product of per-box row and column masks."""
+    b, h, w, _ = frames.shape
+    dev = frames.device
+    counts = [int(bx.shape[0]) for bx in boxes]
+    kmax = max(counts)
+    # Each box's slot in a [B, kmax] table (shapes only: no device sync).
+    slots = torch.tensor([i * kmax + j for i, c in enumerate(counts) for j in range(c)],
+                         device=dev)
+    coords = torch.cat([bx[:, :4].detach().float().to(dev) for bx in boxes if bx.shape[0]])
+    coords = coords.round()
+    x1, x2 = torch.minimum(coords[:, 0], coords[:, 2]), torch.maximum(coords[:, 0], coords[:, 2])
+    y1, y2 = torch.minimum(coords[:, 1], coords[:, 3]), torch.maximum(coords[:, 1], coords[:, 3])
+    shown = (coords.isfinite().all(dim=1) & (x2 >= 0) & (y2 >= 0) & (x1 <= w - 1)
+             & (y1 <= h - 1))
+    big = float(max(h, w) + 2 * t)  # stands in for a non-finite corner of a skipped box
+    xa, ya = x1.nan_to_num(0.0).clamp(0, big), y1.nan_to_num(0.0).clamp(0, big)
+    xb = x2.nan_to_num(0.0).clamp(-1, w - 1) + 1  # half-open ends
+    yb = y2.nan_to_num(0.0).clamp(-1, h - 1) + 1
+
+    def bands(lo: Tensor, hi: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        i = torch.arange(n, device=dev, dtype=torch.float32)
+        outer = (i >= lo[:, None]) & (i < hi[:, None]) & shown[:, None]
+        inner = (i >= lo[:, None] + t) & (i < hi[:, None] - t) & shown[:, None]
+        table = torch.zeros(b * kmax, 2, n, device=dev)
+        table[slots] = torch.stack([outer, inner], dim=1).float()
+        return table.view(b, kmax, 2, n)[:, :, 0], table.view(b, kmax, 2, n)[:, :, 1]
+
+    ro, ri = bands(ya, yb, h)  # [B, kmax, H]
+    co, ci = bands(xa, xb, w)  # [B, kmax, W]
+    on = torch.bmm(ro.transpose(1, 2), co) - torch.bmm(ri.transpose(1, 2), ci) > 0.5
+    col = torch.tensor(list(color), dtype=frames.dtype, device=dev)
+    return torch.where(on[..., None], col, frames)

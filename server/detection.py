@@ -23,23 +23,25 @@ def detector() -> FaceDetector:
     global _detector
     with _lock:
         if _detector is None:
-            _detector = FaceDetector()
+            _detector = FaceDetector(min_face_size=load_settings().min_face_size)
         return _detector
 
 
 def _detect(frames: torch.Tensor, args: list[tuple[Any, ...]]) -> list[Any]:
-    boxes = detector().detect(frames.to(detector().device))
+    det = detector()
+    boxes = det.detect(frames.to(det.device))
+    # One copy of every frame's boxes to the host; the confidence filter is done there.
+    counts = [len(b) for b in boxes]
+    every = torch.cat(boxes).cpu() if sum(counts) else torch.zeros(0, 5)
     kept = []
-    for b, a in zip(boxes, args):
+    for b, a in zip(torch.split(every, counts), args):
         conf = float(a[0]) if a and a[0] is not None else 0.9
         kept.append(b[b[:, 4] >= conf])
     drawn = draw_boxes(frames, kept).cpu().numpy()  # one transfer back for the whole batch
     outs = []
     for i, b in enumerate(kept):
-        dets = [
-            {"box": [round(float(v), 1) for v in row[:4]], "score": round(float(row[4]), 4)}
-            for row in b.cpu()
-        ]
+        dets = [{"box": [round(v, 1) for v in row[:4]], "score": round(row[4], 4)}
+                for row in b.tolist()]
         outs.append((drawn[i], AdditionalOutputs(dets)))
     return outs
 

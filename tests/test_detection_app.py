@@ -68,3 +68,25 @@ async def test_detection_stream_draws_the_box_and_reports_detections(serve):
         assert msgs[-1] == []
     finally:
         await client.close()
+
+
+def test_handler_filters_by_each_frames_confidence_and_reads_min_face_size(monkeypatch) -> None:
+    import pytest
+    import torch
+
+    import server.detection as detection
+
+    monkeypatch.setattr(detection, "_detector", None)
+    monkeypatch.setenv("BATCHRTC_MIN_FACE_SIZE", "60")
+    assert detection.detector().min_face_size == 60
+    frames = torch.from_numpy(np.stack([ASTRONAUT, ASTRONAUT, np.zeros_like(ASTRONAUT)]))
+    outs = detection._detect(frames, [(0.5,), (1.01,), (None,)])
+    dets = [o[1].args[0] for o in outs]
+    assert len(dets[0]) == 1 and dets[0][0]["score"] > 0.95  # the face, found with 60 px
+    assert dets[1] == [] and dets[2] == []  # above every score; an empty frame
+    assert outs[0][0].shape == ASTRONAUT.shape and not np.array_equal(outs[0][0], ASTRONAUT)
+    assert np.array_equal(outs[1][0], ASTRONAUT)  # nothing kept, nothing drawn
+    monkeypatch.setattr(detection, "_detector", None)
+    monkeypatch.setenv("BATCHRTC_MIN_FACE_SIZE", "8")
+    with pytest.raises(ValueError, match="BATCHRTC_MIN_FACE_SIZE must be >= 12"):
+        detection.detector()
