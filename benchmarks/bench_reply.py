@@ -105,12 +105,15 @@ MODES: dict[str, tuple[list[str], int | None, str]] = {
     "fastrtc-onnx": (["benchmarks.reply_apps:fastrtc_onnx_stream", "--factory"], None, "onnx"),
     "batched-b1": (["server.echo_app:stream"], 1, "engine"),
     "batched-w2": (["server.echo_app:stream", "--workers", "2"], 512, "engine"),
+    "batched-tumbling": (["benchmarks.reply_apps:tumbling_stream", "--factory"], 512,
+                         "engine-tumbling"),
 }
 MODE_LABELS = {
     "batched": "batched",
     "fastrtc-onnx": "per-session onnxruntime (FastRTC)",
     "batched-b1": "batched, max_batch_size=1",
     "batched-w2": "batched, --workers 2 (engine process)",
+    "batched-tumbling": "batched, tumbling 0.6 s chunks (FastRTC's pause window)",
 }
 MODE_ALIASES = {"unbatched": "batched-b1"}
 DEFAULT_MODES = "batched,fastrtc-onnx,batched-b1"
@@ -177,18 +180,21 @@ def _reference_pause_frames(frames: list[np.ndarray], vad: str = "engine") -> li
 
     engine = VADEngine(device="cpu", capacity=8, max_batch_size=1, max_queue_delay_ms=0.0)
     model = None
+    algo = rop.AlgoOptions()
     if vad == "onnx":
         from server.pause_detection import get_silero_model
 
         model = get_silero_model()
+    elif vad == "engine-tumbling":
+        algo = rop.AlgoOptions(pause_window="tumbling")
     elif vad != "engine":
-        raise ValueError(f"vad must be 'engine' or 'onnx', got {vad!r}")
+        raise ValueError(f"vad must be 'engine', 'engine-tumbling' or 'onnx', got {vad!r}")
 
     def _echo(audio):  # never called: only replies_started is looked at
         yield audio
 
     async def replay() -> list[int]:
-        h = ReplyOnPause(_echo, model=model)
+        h = ReplyOnPause(_echo, model=model, algo_options=algo)
         hits: list[int] = []
         for i, fr in enumerate(frames):
             before = h.replies_started

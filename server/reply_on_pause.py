@@ -16,6 +16,7 @@ import asyncio
 import inspect
 import logging
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,7 +27,7 @@ from .handlers import AsyncStreamHandler, EmitType
 from .pause_detection import ModelOptions, PauseDetectionModel, SileroVadOptions, speech_timestamps
 from .utils import call_on_loop, create_message, to_mono
 from .engine import EngineTimeout, EngineUnavailable
-from .vad_engine import VAD_RATE, VADStream, get_vad_engine
+from .vad_engine import VAD_RATE, WINDOW, VADStream, get_vad_engine
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +37,41 @@ LAYOUTS = ("mono", "stereo")
 # How long a turn waits for `set_input` values after asking for them (`send_input`) when the
 # handler needs additional inputs and the stream has no default values to use instead.
 ARGS_TIMEOUT_S = 10.0
+# Outside a turn, audio that never reaches this int16 peak (-66 dBFS: digital silence, a muted
+# microphone; a quiet room's noise floor is louder) skips the VAD (see `_silent`).
+SILENT_PEAK = 16
 
 
 @dataclass
 class AlgoOptions:
+    """FastRTC's turn-taking options, plus how often the rule is checked.
+
+    The rule is FastRTC's: a stretch of audio holding more than `started_talking_threshold`
+    seconds of speech starts a turn; after that, one holding less than `speech_threshold`
+    seconds ends it. `pause_window="tumbling"` applies it to consecutive chunks of
+    `audio_chunk_duration`, as FastRTC does. `"sliding"` (the default) applies it to the last
+    `sliding_window_s` of audio every `sliding_hop_s` while a turn is under way (every
+    `audio_chunk_duration / 3` before one starts), so a pause is found as soon as the rule
+    holds. A custom `model=` (FastRTC's per-call `PauseDetectionModel`) always tumbles.
+    """
+
     audio_chunk_duration: float = 0.6
     started_talking_threshold: float = 0.2
     speech_threshold: float = 0.1
     max_continuous_speech_s: float = math.inf
+    pause_window: Literal["sliding", "tumbling"] = "sliding"
+    sliding_hop_s: float = 0.032
+    # The sliding window's length; None: 4/3 of `audio_chunk_duration` (0.8 s by default). On
+    # real speech (benchmarks/bench_pauses.py) a 0.8 s sliding window cuts fewer sentences
+    # than 0.6 s tumbling chunks and answers sooner; a 0.6 s one answers sooner still but
+    # cuts sentences at their commas three times as often.
+    sliding_window_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.pause_window not in ("sliding", "tumbling"):
+            raise ValueError(f"pause_window must be 'sliding' or 'tumbling', got {self.pause_window!r}")
+        if not self.audio_chunk_duration > 0 or not self.sliding_hop_s > 0:
+            raise ValueError("audio_chunk_duration and sliding_hop_s must be > 0")
 
 
 def speech_seconds(probs: np.ndarray, options: SileroVadOptions) -> float:
@@ -76,6 +104,12 @@ class _TurnState:
     utterance: list[np.ndarray] = field(default_factory=list)
     utterance_len: int = 0
     sample_rate: int = 0
+    # Sliding window: the last window probabilities (one per 32 ms) and the audio they cover,
+    # which becomes the start of the utterance when a turn starts.
+    probs: deque[float] = field(default_factory=deque)
+    recent: deque[np.ndarray] = field(default_factory=deque)
+    recent_len: int = 0
+    silent_16k: float = 0.0  # skipped silent audio not yet a whole window (16 kHz samples)
 
 
 class ReplyOnPause(AsyncStreamHandler):
@@ -177,11 +211,20 @@ class ReplyOnPause(AsyncStreamHandler):
         st = self._state  # after a reset: the first frame belongs to the new state
         st.buffer.append(audio)
         st.buffered += audio.shape[-1]
-        if st.buffered < self.algo_options.audio_chunk_duration * sr:
+        algo = self.algo_options
+        sliding = algo.pause_window == "sliding" and self.model is None
+        if sliding:
+            hop = algo.sliding_hop_s if st.started_talking else algo.audio_chunk_duration / 3
+        else:
+            hop = algo.audio_chunk_duration
+        if st.buffered < hop * sr:
             return
         chunk = np.concatenate(st.buffer, axis=-1)
         st.buffer, st.buffered = [], 0
-        await self._on_chunk(sr, chunk)
+        if sliding:
+            await self._on_hop(sr, chunk)
+        else:
+            await self._on_chunk(sr, chunk)
 
     def _reset_vad(self, sr: int) -> None:
         if self._vad is not None:
@@ -203,8 +246,11 @@ class ReplyOnPause(AsyncStreamHandler):
         return speech_seconds(await self._vad.process(mono), self.model_options)
 
     async def _on_chunk(self, sr: int, chunk: np.ndarray) -> None:
+        mono = to_mono(chunk) if chunk.ndim == 2 else chunk
+        if self._silent(sr, mono) is not None:
+            return  # no speech outside a turn: nothing to decide
         try:
-            dur = await self._speech_seconds(sr, to_mono(chunk) if chunk.ndim == 2 else chunk)
+            dur = await self._speech_seconds(sr, mono)
         except (EngineUnavailable, EngineTimeout) as e:
             # The engine process is restarting: this chunk was not judged. Keep it (if a turn
             # is under way) and decide on the next one; the VAD restarts from zero state.
@@ -223,13 +269,79 @@ class ReplyOnPause(AsyncStreamHandler):
         st.utterance.append(chunk)
         st.utterance_len += chunk.shape[-1]
         if dur < algo.speech_threshold or st.utterance_len / sr >= algo.max_continuous_speech_s:
-            utterance = np.concatenate(st.utterance, axis=-1).reshape(
-                2 if self.expected_layout == "stereo" else 1, -1
-            )
-            st.started_talking = False
-            st.utterance, st.utterance_len = [], 0
-            await self.send_message(create_message("log", "pause_detected"))
-            await self._start_reply(sr, utterance)
+            await self._pause(sr)
+
+    def _silent(self, sr: int, mono: np.ndarray) -> np.ndarray | None:
+        """Outside a turn, audio whose peak is under `SILENT_PEAK` (digital silence, a muted
+        microphone) is not sent to the VAD: it counts as windows of probability 0. A silent
+        session then costs no model work."""
+        st = self._state
+        if st.started_talking or self.model is not None or mono.size == 0:
+            return None
+        peak = np.abs(mono).max()
+        if (peak * 32768 if mono.dtype.kind == "f" else peak) >= SILENT_PEAK:
+            return None
+        st.silent_16k += mono.size * VAD_RATE / sr
+        n = int(st.silent_16k // WINDOW)
+        st.silent_16k -= n * WINDOW
+        return np.zeros(n, dtype=np.float32)
+
+    async def _on_hop(self, sr: int, piece: np.ndarray) -> None:
+        """Sliding window: FastRTC's rule on the last `audio_chunk_duration` of audio."""
+        st = self._state
+        algo = self.algo_options
+        assert self._vad is not None
+        mono = to_mono(piece) if piece.ndim == 2 else piece
+        probs = self._silent(sr, mono)
+        try:
+            if probs is None:
+                probs = await self._vad.process(mono)
+        except (EngineUnavailable, EngineTimeout) as e:
+            logger.warning("ReplyOnPause: audio was not judged: %s", e)
+            probs = np.zeros(0, dtype=np.float32)  # keep the audio, decide on the next hop
+        if self._state is not st:  # the session reset while the VAD ran
+            return
+        span = algo.sliding_window_s or algo.audio_chunk_duration * 4 / 3
+        window = max(1, round(span * VAD_RATE / WINDOW))
+        st.probs.extend(probs.tolist())
+        while len(st.probs) > window:
+            st.probs.popleft()
+        n = piece.shape[-1]
+        if st.started_talking:
+            st.utterance.append(piece)
+            st.utterance_len += n
+        else:
+            st.recent.append(piece)
+            st.recent_len += n
+            keep = span * sr
+            while st.recent and st.recent_len - st.recent[0].shape[-1] >= keep:
+                st.recent_len -= st.recent.popleft().shape[-1]
+        if probs.size == 0:
+            return  # no new window, no new decision
+        if not st.started_talking:
+            if max(st.probs) < self.model_options.threshold:
+                return  # no window above the threshold: no speech (and no segment logic)
+            if speech_seconds(np.asarray(st.probs), self.model_options) <= algo.started_talking_threshold:
+                return
+            st.started_talking = True
+            st.utterance, st.utterance_len = list(st.recent), st.recent_len
+            st.recent.clear()
+            st.recent_len = 0
+            await self.send_message(create_message("log", "started_talking"))
+            return
+        dur = speech_seconds(np.asarray(st.probs), self.model_options)
+        if dur < algo.speech_threshold or st.utterance_len / sr >= algo.max_continuous_speech_s:
+            await self._pause(sr)
+
+    async def _pause(self, sr: int) -> None:
+        st = self._state
+        utterance = np.concatenate(st.utterance, axis=-1).reshape(
+            2 if self.expected_layout == "stereo" else 1, -1
+        )
+        st.started_talking = False
+        st.utterance, st.utterance_len = [], 0
+        await self.send_message(create_message("log", "pause_detected"))
+        await self._start_reply(sr, utterance)
 
     # -- output ----------------------------------------------------------------------------
     async def _start_reply(self, sr: int, utterance: np.ndarray) -> None:

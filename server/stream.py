@@ -22,7 +22,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, FastAPI
 
 from . import docs, metrics
-from .config import Modality, Mode, StreamConfig, load_settings
+from .config import Modality, Mode, StreamConfig, load_settings, uvicorn_deflate_left_on
 from .engine.client import private_dir
 from .engine.ui_host import UIProxy, UISocketServer
 from .engines import EngineRegistry
@@ -223,6 +223,12 @@ class Stream(FastAPI):
             self.engines.client.announce_ui(ui_socket.path)
         if self.config.verbose:
             self._announce()
+        if self.modality != "video" and uvicorn_deflate_left_on():
+            announce.warning(
+                "batchrtc: uvicorn negotiates WebSocket permessage-deflate (its default), so "
+                "every audio frame over /websocket and /telephone is compressed; at 200 voice "
+                "sessions that made replies seconds late. Start uvicorn with "
+                "--ws-per-message-deflate false")
         try:
             yield
         finally:

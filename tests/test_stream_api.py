@@ -359,3 +359,17 @@ def test_unknown_connection_is_an_http_404():
     with pytest.raises(UnknownConnection) as e:
         s.set_input("ghost", 1)
     assert e.value.status_code == 404
+
+
+def test_uvicorn_deflate_left_on_is_read_off_uvicorns_command_line():
+    from server.config import uvicorn_deflate_left_on as on
+
+    uv = ["/usr/bin/uvicorn", "server.echo_app:stream"]
+    assert on(uv, {}) is True  # uvicorn's default
+    assert on([*uv, "--ws-per-message-deflate", "false"], {}) is False
+    assert on([*uv, "--ws-per-message-deflate=False"], {}) is False
+    assert on([*uv, "--ws-per-message-deflate", "true"], {}) is True
+    assert on(uv, {"UVICORN_WS_PER_MESSAGE_DEFLATE": "false"}) is False
+    assert on(["/x/site-packages/uvicorn/__main__.py", "a:b"], {}) is True  # python -m uvicorn
+    assert on(["/usr/bin/gunicorn", "a:b"], {}) is False  # not uvicorn's command line
+    assert on([], {}) is False

@@ -19,15 +19,17 @@ async def test_reply_on_pause_over_webrtc(serve):
     server = serve(stream)
     name = "speech_pause_speech_16k.wav"
     pcm = speech_48k(name, tail_s=2.0)
-    client, answer = await connect(server.http, "a1", audio=AudioSource(pcm), recv_audio=True)
+    source = AudioSource(pcm)
+    client, answer = await connect(server.http, "a1", audio=source, recv_audio=True)
     try:
         assert answer["type"] == "answer", answer
         await asyncio.sleep(pcm.size / 48000 + 1.5)
         logs = [m.get("data") for m in client.messages if m.get("type") == "log"]
         assert logs.count("pause_detected") == 2, logs
         assert logs.count("started_talking") == 2, logs
-        # Loud audio came back (the echo), not only silence frames.
-        t0 = client.audio[0][0]
+        # Loud audio came back (the echo). Times from the first frame the client sent.
+        t0 = source._start
+        assert t0 is not None
         loud = [t - t0 for t, a in client.audio if np.abs(a.astype(np.int32)).mean() > 300]
         assert loud, "no reply audio"
         first_reply = loud[0]
@@ -43,6 +45,30 @@ async def test_reply_on_pause_over_webrtc(serve):
             break
         await asyncio.sleep(0.1)
     assert stream.active_sessions == 0
+
+
+async def test_an_idle_session_sends_no_audio_until_there_is_a_reply(serve):
+    """Between replies the server sends no audio packets (no encoding of silence); the reply
+    still arrives, stamped with the time that passed."""
+    stream = Stream(ReplyOnPause(echo), modality="audio", mode="send-receive", concurrency_limit=2)
+    server = serve(stream)
+    silence = np.zeros(48000 * 3, np.int16)
+    pcm = np.concatenate([silence, speech_48k("speech_pause_speech_16k.wav", tail_s=2.0)])
+    client, answer = await connect(server.http, "quiet", audio=AudioSource(pcm), recv_audio=True)
+    try:
+        assert answer["type"] == "answer", answer
+        await asyncio.sleep(2.5)
+        assert stream.active_sessions == 1
+        assert client.audio == []  # 2.5 s connected, the user silent: nothing sent
+        deadline = asyncio.get_running_loop().time() + 15
+        while asyncio.get_running_loop().time() < deadline:
+            if any(np.abs(a.astype(np.int32)).mean() > 300 for _, a in client.audio):
+                break
+            await asyncio.sleep(0.1)
+        loud = [a for _, a in client.audio if np.abs(a.astype(np.int32)).mean() > 300]
+        assert loud, "no reply audio"
+    finally:
+        await client.close()
 
 
 async def test_receive_mode_streams_generated_audio(serve):

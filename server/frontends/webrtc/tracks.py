@@ -1,7 +1,7 @@
 """The outgoing tracks of a WebRTC connection (aiortc `MediaStreamTrack`s).
 
-Audio: `AudioOutputTrack` plays 20 ms frames at real time, reply audio when there is some
-(from a bounded queue that `TrackAudioSink` fills), silence otherwise. Video:
+Audio: `AudioOutputTrack` plays 20 ms frames at real time while there is reply audio (from a
+bounded queue that `TrackAudioSink` fills) and sends nothing otherwise. Video:
 `ProcessedVideoTrack` sends each processed frame once, freshest first; `_PacedVideoTrack`s
 pace frames a handler makes (`video_emit`, or a `mode="receive"` generator).
 """
@@ -26,7 +26,14 @@ AUDIO_OUT_QUEUE = 100  # 20 ms frames: 2 s of reply audio buffered at most
 
 
 class AudioOutputTrack(MediaStreamTrack):
-    """20 ms frames at real time: reply audio when there is some, silence otherwise."""
+    """20 ms frames at real time while there is reply audio; nothing between replies.
+
+    Between replies `recv` waits for the next frame instead of returning silence, so aiortc
+    encodes and sends no packet at all (RTP allows gaps: the receiver conceals them, as it
+    does for a sender using Opus DTX). An idle session then costs no encode, no packet and no
+    20 ms wake-up. The first frame after a gap is stamped with the time that passed, so the
+    receiver's clock stays right.
+    """
 
     kind = "audio"
 
@@ -36,7 +43,6 @@ class AudioOutputTrack(MediaStreamTrack):
         self.queue: asyncio.Queue[np.ndarray] = asyncio.Queue(AUDIO_OUT_QUEUE)
         self._start: float | None = None
         self._ts = 0
-        self._silence = np.zeros(rate // 50, dtype=np.int16)
 
     def clear(self) -> None:
         while not self.queue.empty():
@@ -60,7 +66,12 @@ class AudioOutputTrack(MediaStreamTrack):
         try:
             data = self.queue.get_nowait()
         except asyncio.QueueEmpty:
-            data = self._silence
+            data = await self.queue.get()
+            if self.readyState != "live":
+                raise MediaStreamError
+            # Resume on the wall clock: the gap's length in whole frames.
+            now = int((time.monotonic() - self._start) * self.rate) // step * step
+            self._ts = max(self._ts, now)
         frame = av.AudioFrame.from_ndarray(data.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = self.rate
         frame.pts = self._ts
