@@ -51,7 +51,7 @@ class AlgoOptions:
     seconds ends it. `pause_window="tumbling"` applies it to consecutive chunks of
     `audio_chunk_duration`, as FastRTC does. `"sliding"` (the default) applies it to the last
     `sliding_window_s` of audio every `sliding_hop_s` while a turn is under way (every
-    `audio_chunk_duration / 3` before one starts), so a pause is found as soon as the rule
+    `audio_chunk_duration` before one starts), so a pause is found as soon as the rule
     holds. A custom `model=` (FastRTC's per-call `PauseDetectionModel`) always tumbles.
     """
 
@@ -60,7 +60,10 @@ class AlgoOptions:
     speech_threshold: float = 0.1
     max_continuous_speech_s: float = math.inf
     pause_window: Literal["sliding", "tumbling"] = "sliding"
-    sliding_hop_s: float = 0.032
+    # How often the window is rechecked during a turn: every 96 ms (three VAD windows). At
+    # 32 ms the VAD and the check ran 25 times a second per speaking session, which cost more
+    # latency under load (50 sessions, 2 cores) than it saved.
+    sliding_hop_s: float = 0.096
     # The sliding window's length; None: 4/3 of `audio_chunk_duration` (0.8 s by default). On
     # real speech (benchmarks/bench_pauses.py) a 0.8 s sliding window cuts fewer sentences
     # than 0.6 s tumbling chunks and answers sooner; a 0.6 s one answers sooner still but
@@ -214,7 +217,9 @@ class ReplyOnPause(AsyncStreamHandler):
         algo = self.algo_options
         sliding = algo.pause_window == "sliding" and self.model is None
         if sliding:
-            hop = algo.sliding_hop_s if st.started_talking else algo.audio_chunk_duration / 3
+            # Before a turn only its start is looked for, which may come a chunk late (the
+            # window's audio is kept and becomes the utterance's start): tumbling's pace.
+            hop = algo.sliding_hop_s if st.started_talking else algo.audio_chunk_duration
         else:
             hop = algo.audio_chunk_duration
         if st.buffered < hop * sr:
@@ -329,9 +334,26 @@ class ReplyOnPause(AsyncStreamHandler):
             st.recent_len = 0
             await self.send_message(create_message("log", "started_talking"))
             return
+        if st.utterance_len / sr < algo.max_continuous_speech_s and self._surely_speech(st.probs):
+            return
         dur = speech_seconds(np.asarray(st.probs), self.model_options)
         if dur < algo.speech_threshold or st.utterance_len / sr >= algo.max_continuous_speech_s:
             await self._pause(sr)
+
+    def _surely_speech(self, probs: deque[float]) -> bool:
+        """A cheap sufficient test that the window holds at least `speech_threshold` seconds
+        of speech, so Silero's segment logic (Python, per window) need not run: a run of
+        windows all above the threshold, longer than `min_speech_duration_ms`, is one kept
+        segment at least that long (padding only lengthens it)."""
+        opts = self.model_options
+        need_s = max(opts.min_speech_duration_ms / 1000, self.algo_options.speech_threshold)
+        need = int(need_s * VAD_RATE / WINDOW) + 2
+        above = np.asarray(probs) >= opts.threshold
+        if above.sum() < need:
+            return False
+        # Longest run of consecutive True values.
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], above.view(np.int8), [0]))))
+        return bool((edges[1::2] - edges[::2]).max() >= need)
 
     async def _pause(self, sr: int) -> None:
         st = self._state

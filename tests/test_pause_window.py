@@ -18,9 +18,10 @@ async def test_sliding_finds_each_turn_within_a_bounded_delay(name: str) -> None
     sliding = score(rec, await pauses(rec.audio, "sliding", 20))
     assert sliding["false"] == 0 and sliding["missed"] == 0, sliding
     assert len(sliding["delays"]) == len(rec.turns)
-    # A 0.8 s window, checked every 40 ms: the pause is found 0.5-0.95 s after the speech,
-    # wherever the speech ends (tumbling's delay depends on where its chunks fall).
-    assert all(0.5 < d < 0.95 for d in sliding["delays"]), sliding
+    # A 0.8 s window, rechecked every 100 ms (96 ms in 20 ms frames): the pause is found
+    # 0.5-1.0 s after the speech, wherever the speech ends (tumbling's delay depends on where
+    # its chunks fall: up to 1.2 s here).
+    assert all(0.5 < d < 1.0 for d in sliding["delays"]), sliding
 
 
 async def test_over_the_fixtures_sliding_is_never_later_than_tumblings_worst() -> None:
