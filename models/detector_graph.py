@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from models.detector import (
+from models.mtcnn_ops import (
     _bbreg,
     _crop_bounds,
     _Integral,
