@@ -64,6 +64,8 @@ _NMS_BLOCK_ELEMS = 1 << 24
 _NET_CHUNK = 4096
 # Frames per dynamic-pipeline pass on a CPU (see FaceDetector.detect).
 _CPU_CHUNK = 8
+# Frame shapes whose pyramid tables are kept.
+_PYRAMID_CACHE = 32
 
 
 def weights_dir() -> str:
@@ -385,10 +387,15 @@ class FaceDetector:
         return self._fixed.fallbacks if self._fixed is not None else 0
 
     def _pyramid(self, h: int, w: int) -> _Pyramid:
+        """The frame shape's pyramid, from a small LRU cache (clients choose frame shapes)."""
         key = (h, w)
-        if key not in self._pyramids:
-            self._pyramids[key] = _Pyramid(h, w, self.min_face_size, self.factor)
-        return self._pyramids[key]
+        pyr = self._pyramids.pop(key, None)
+        if pyr is None:
+            pyr = _Pyramid(h, w, self.min_face_size, self.factor)
+            while len(self._pyramids) >= _PYRAMID_CACHE:
+                self._pyramids.pop(next(iter(self._pyramids)))
+        self._pyramids[key] = pyr  # most recently used last
+        return pyr
 
     @torch.inference_mode()
     def detect(self, frames: Tensor) -> list[Tensor]:

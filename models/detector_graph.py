@@ -58,6 +58,9 @@ NMS_ROUNDS = 12
 # Graph buckets: the batch is padded to the next power of two up to this, larger batches are
 # run in chunks of it.
 MAX_GRAPH_BATCH = 128
+# Frame shapes that get graphs; frames of other shapes run the same pipeline eagerly, so a
+# client cycling through resolutions cannot make the detector capture graph after graph.
+MAX_GRAPH_SHAPES = 8
 
 
 def fixed_point_nms(sup: Tensor, valid: Tensor, rounds: int | None = None
@@ -216,6 +219,9 @@ class FixedPipeline:
         bucket = 1 << (b - 1).bit_length()
         key = (bucket, h, w)
         if key not in self._captured:
+            shapes = {k[1:] for k in self._captured}
+            if (h, w) not in shapes and len(shapes) >= MAX_GRAPH_SHAPES:
+                return None
             try:
                 self._captured[key] = _Graph(self, (bucket, h, w, 3), frames.device)
             except Exception:  # a driver or torch build that cannot capture: run eagerly
@@ -234,6 +240,9 @@ class _Graph:
                  device: torch.device) -> None:
         self.frames = torch.zeros(shape, dtype=torch.uint8, device=device)
         self.n_valid = torch.tensor(shape[0], device=device)
+        # The graph reads the pyramid's tables where they were at capture: keep them alive
+        # even if the detector's pyramid cache lets this shape go.
+        self.pyramid = pipe.det._pyramid(shape[1], shape[2])
         # Warm up on a side stream (cuDNN/cuBLAS handles, allocator), then capture.
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))

@@ -439,3 +439,25 @@ def test_cpu_chunks_give_the_batch_result(monkeypatch: pytest.MonkeyPatch) -> No
     assert len(chunked) == 5
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b)
+
+
+def test_pyramid_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(detector_mod, "_PYRAMID_CACHE", 3)
+    det = FaceDetector("cpu")
+    for side in range(40, 50):  # a client cycling through frame shapes
+        det.detect(torch.zeros(1, side, side + 1, 3, dtype=torch.uint8))
+    assert len(det._pyramids) == 3
+    assert list(det._pyramids) == [(47, 48), (48, 49), (49, 50)]  # the most recent ones
+    det._pyramid(47, 48)
+    assert list(det._pyramids)[-1] == (47, 48)  # used again: most recent
+
+
+@cuda
+def test_graph_shapes_are_bounded_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    import models.detector_graph as graph_mod
+    monkeypatch.setattr(graph_mod, "MAX_GRAPH_SHAPES", 2)
+    graphed = FaceDetector("cuda")
+    for h, w in ((120, 160), (240, 320), (480, 640), (240, 320)):
+        frames = torch.from_numpy(np.stack([scene(1, w, h)])).cuda()
+        assert_same_detections(graphed.detect(frames), detector().detect(frames.cpu()))
+    assert {k[1:] for k in graphed._fixed._captured} == {(120, 160), (240, 320)}
