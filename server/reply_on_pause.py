@@ -1,10 +1,11 @@
 """`ReplyOnPause`: FastRTC's turn taking, with Silero VAD on the shared batcher.
 
-Semantics follow FastRTC 0.0.34: audio is accumulated; every `audio_chunk_duration` seconds
-the VAD measures the seconds of speech in the chunk (Silero's own segment logic over the
-chunk's window probabilities). More than `started_talking_threshold` -> the user started
-talking; after that, a chunk with less than `speech_threshold` of speech -> pause: `fn` is
-called with the whole utterance. Unlike FastRTC, the VAD state carries across chunks (one
+Semantics follow FastRTC 0.0.34: the VAD measures the seconds of speech in a stretch of audio
+(Silero's own segment logic over its window probabilities). More than
+`started_talking_threshold` -> the user started talking; after that, a stretch with less than
+`speech_threshold` of speech -> pause: `fn` is called with the whole utterance. FastRTC
+measures consecutive `audio_chunk_duration` chunks (`AlgoOptions(pause_window="tumbling")`);
+by default the stretch is a window sliding over the last 0.8 s (see `AlgoOptions`). Unlike FastRTC, the VAD state carries across chunks (one
 stream per connection, v5+ model from the installed wheel) and all sessions share one batched
 model call. With `model=` (FastRTC's `PauseDetectionModel`), that model measures each chunk
 instead, one call per connection per chunk on a worker thread, as in FastRTC.
@@ -292,7 +293,7 @@ class ReplyOnPause(AsyncStreamHandler):
         return np.zeros(n, dtype=np.float32)
 
     async def _on_hop(self, sr: int, piece: np.ndarray) -> None:
-        """Sliding window: FastRTC's rule on the last `audio_chunk_duration` of audio."""
+        """Sliding window: FastRTC's rule on the last `sliding_window_s` of audio."""
         st = self._state
         algo = self.algo_options
         assert self._vad is not None
