@@ -289,7 +289,6 @@ class _Pyramid:
             minl *= factor
         self.sizes = [(int(h * s + 1), int(w * s + 1)) for s in self.scales]
         self.out_sizes = [(_pnet_out(sh), _pnet_out(sw)) for sh, sw in self.sizes]
-        self.positions = sum(oh * ow for oh, ow in self.out_sizes)
         self._dev: dict[torch.device, tuple[tuple[Tensor, Tensor], Tensor, Tensor]] = {}
 
     def tables(self, device: torch.device) -> tuple[tuple[Tensor, Tensor], Tensor, Tensor]:
@@ -413,9 +412,9 @@ class FaceDetector:
         b, h, w, _ = frames.shape
         if b == 0:
             return []
-        if not self._pyramid(h, w).scales:
-            return [torch.zeros(0, 5, device=out_device) for _ in range(b)]
-        with self._lock:
+        with self._lock:  # also guards the pyramid cache, which every stage reads
+            if not self._pyramid(h, w).scales:  # frames smaller than min_face_size
+                return [torch.zeros(0, 5, device=out_device) for _ in range(b)]
             if self._fixed is not None:
                 result = self._fixed.detect(frames)
                 if result is not None:

@@ -85,8 +85,7 @@ def _per_frame(frame: Tensor, score: Tensor, valid: Tensor, frames: int, k: int
     ``fits`` is false when a frame has more than ``k`` valid candidates. No host sync.
     """
     n = frame.shape[0]
-    score = torch.where(valid, score, torch.full_like(score, -1.0))
-    order = torch.argsort(score, descending=True, stable=True)
+    order = torch.argsort(_valid_first(score, valid), descending=True, stable=True)
     order = order[torch.argsort(frame[order], stable=True)]
     fo = frame[order]
     counts = torch.zeros(frames, dtype=torch.long, device=frame.device)
@@ -104,9 +103,13 @@ def _per_frame(frame: Tensor, score: Tensor, valid: Tensor, frames: int, k: int
 def _compact(score: Tensor, valid: Tensor, rows: int) -> tuple[Tensor, Tensor, Tensor]:
     """The ``rows`` best valid entries of a flat table -> ``(index, valid, fits)``."""
     rows = min(rows, score.numel())
-    s = torch.where(valid, score, torch.full_like(score, -1.0))
-    top, index = s.topk(rows)
+    top, index = _valid_first(score, valid).topk(rows)
     return index, top >= 0, valid.sum() <= rows
+
+
+def _valid_first(score: Tensor, valid: Tensor) -> Tensor:
+    """Scores (probabilities, >= 0) with invalid entries set to -1, so they sort last."""
+    return torch.where(valid, score, torch.full_like(score, -1.0))
 
 
 class FixedPipeline:

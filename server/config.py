@@ -140,7 +140,7 @@ def uvicorn_deflate_left_on(argv: list[str] | None = None,
     20 ms audio frame made p50 reply latency 3.8 s at 200 sessions (bench_reply)."""
     argv = sys.argv if argv is None else argv
     environ = os.environ if environ is None else environ
-    if not argv or "uvicorn" not in os.path.basename(argv[0]) + os.path.dirname(argv[0]):
+    if not argv or "uvicorn" not in argv[0]:  # `uvicorn ...` or `python -m uvicorn ...`
         return False
     value = environ.get("UVICORN_WS_PER_MESSAGE_DEFLATE")
     for i, arg in enumerate(argv):

@@ -252,7 +252,7 @@ class ReplyOnPause(AsyncStreamHandler):
         return speech_seconds(await self._vad.process(mono), self.model_options)
 
     async def _on_chunk(self, sr: int, chunk: np.ndarray) -> None:
-        mono = to_mono(chunk) if chunk.ndim == 2 else chunk
+        mono = to_mono(chunk)
         if self._silent(sr, mono) is not None:
             return  # no speech outside a turn: nothing to decide
         try:
@@ -297,7 +297,7 @@ class ReplyOnPause(AsyncStreamHandler):
         st = self._state
         algo = self.algo_options
         assert self._vad is not None
-        mono = to_mono(piece) if piece.ndim == 2 else piece
+        mono = to_mono(piece)
         probs = self._silent(sr, mono)
         try:
             if probs is None:
