@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.device import default_device, keep_freed_memory
 from models.mtcnn_ops import (
     _area_bins,
     _bbreg,
@@ -92,6 +93,31 @@ def _load_state(name: str) -> dict[str, Tensor]:
 
 
 # ------------------------------------------------------------------------------------ networks
+class PReLU(nn.PReLU):
+    """``nn.PReLU`` (same weights, same values) that runs a channels-last map as a 2-D
+    ``[N*H*W, C]`` view: torch's kernel is ~2.4x faster on that layout than on the 4-D
+    channels-last one on CPU (the nets' activations are channels-last throughout)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            n, c, h, w = x.shape
+            y = F.prelu(x.permute(0, 2, 3, 1).reshape(-1, c), self.weight)
+            return y.view(n, h, w, c).permute(0, 3, 1, 2)
+        return F.prelu(x, self.weight)
+
+
+def _max_pool_2x2(x: Tensor) -> Tensor:
+    """``max_pool2d(x, 2, 2, ceil_mode=True)``; on CPU as three maxima of strided views (an
+    odd edge padded with -inf), ~3x faster than the channels-last pooling kernel there."""
+    if x.device.type != "cpu":
+        return F.max_pool2d(x, 2, 2, ceil_mode=True)
+    h, w = x.shape[-2:]
+    if h % 2 or w % 2:
+        x = F.pad(x, (0, w % 2, 0, h % 2), value=float("-inf"))
+    rows = torch.maximum(x[:, :, 0::2], x[:, :, 1::2])
+    return torch.maximum(rows[:, :, :, 0::2], rows[:, :, :, 1::2])
+
+
 class PNet(nn.Module):
     """Proposal net: fully convolutional, 12x12 receptive field, stride 2.
 
@@ -101,20 +127,53 @@ class PNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 10, kernel_size=3)
-        self.prelu1 = nn.PReLU(10)
+        self.prelu1 = PReLU(10)
         self.conv2 = nn.Conv2d(10, 16, kernel_size=3)
-        self.prelu2 = nn.PReLU(16)
+        self.prelu2 = PReLU(16)
         self.conv3 = nn.Conv2d(16, 32, kernel_size=3)
-        self.prelu3 = nn.PReLU(32)
+        self.prelu3 = PReLU(32)
         self.conv4_1 = nn.Conv2d(32, 2, kernel_size=1)
         self.conv4_2 = nn.Conv2d(32, 4, kernel_size=1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = self.prelu1(self.conv1(x))
-        x = F.max_pool2d(x, 2, 2, ceil_mode=True)
+        x = _max_pool_2x2(x)
         x = self.prelu2(self.conv2(x))
         x = self.prelu3(self.conv3(x))
         return self.conv4_2(x), torch.softmax(self.conv4_1(x), dim=1)
+
+
+class _PNetMaps(nn.Module):
+    """PNet with its input normalisation and both heads folded into its convolutions, for
+    whole-pyramid use (same function as ``PNet``, fewer passes over the large maps).
+
+    Takes ``x / 128`` (not ``(x - 127.5) / 128``: the offset is folded into conv1's bias, which
+    is exact because conv1 has no padding) and returns ``[B, h, w, 5]``: the face logit minus
+    the non-face logit (``sigmoid`` of it is ``softmax(...)[:, 1]``), then the four box
+    regressions. The two 1x1 heads are one conv, and the output stays channels-last, so the
+    levels concatenate without a transpose.
+    """
+
+    def __init__(self, pnet: PNet) -> None:
+        super().__init__()
+        w1, b1 = pnet.conv1.weight, pnet.conv1.bias
+        self.conv1 = nn.Conv2d(3, 10, kernel_size=3)
+        self.conv1.weight.data.copy_(w1)
+        self.conv1.bias.data.copy_(b1 - (127.5 / 128.0) * w1.sum(dim=(1, 2, 3)))
+        self.prelu1, self.conv2, self.prelu2 = pnet.prelu1, pnet.conv2, pnet.prelu2
+        self.conv3, self.prelu3 = pnet.conv3, pnet.prelu3
+        w41, b41 = pnet.conv4_1.weight, pnet.conv4_1.bias
+        self.head = nn.Conv2d(32, 5, kernel_size=1)
+        self.head.weight.data.copy_(torch.cat([w41[1:2] - w41[0:1], pnet.conv4_2.weight]))
+        self.head.bias.data.copy_(torch.cat([b41[1:2] - b41[0:1], pnet.conv4_2.bias]))
+        self.to(device=w1.device, memory_format=torch.channels_last).requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.prelu1(self.conv1(x))
+        x = _max_pool_2x2(x)
+        x = self.prelu2(self.conv2(x))
+        x = self.prelu3(self.conv3(x))
+        return self.head(x).permute(0, 2, 3, 1)
 
 
 class RNet(nn.Module):
@@ -123,13 +182,13 @@ class RNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 28, kernel_size=3)
-        self.prelu1 = nn.PReLU(28)
+        self.prelu1 = PReLU(28)
         self.conv2 = nn.Conv2d(28, 48, kernel_size=3)
-        self.prelu2 = nn.PReLU(48)
+        self.prelu2 = PReLU(48)
         self.conv3 = nn.Conv2d(48, 64, kernel_size=2)
-        self.prelu3 = nn.PReLU(64)
+        self.prelu3 = PReLU(64)
         self.dense4 = nn.Linear(576, 128)
-        self.prelu4 = nn.PReLU(128)
+        self.prelu4 = PReLU(128)
         self.dense5_1 = nn.Linear(128, 2)
         self.dense5_2 = nn.Linear(128, 4)
 
@@ -151,15 +210,15 @@ class ONet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 32, kernel_size=3)
-        self.prelu1 = nn.PReLU(32)
+        self.prelu1 = PReLU(32)
         self.conv2 = nn.Conv2d(32, 64, kernel_size=3)
-        self.prelu2 = nn.PReLU(64)
+        self.prelu2 = PReLU(64)
         self.conv3 = nn.Conv2d(64, 64, kernel_size=3)
-        self.prelu3 = nn.PReLU(64)
+        self.prelu3 = PReLU(64)
         self.conv4 = nn.Conv2d(64, 128, kernel_size=2)
-        self.prelu4 = nn.PReLU(128)
+        self.prelu4 = PReLU(128)
         self.dense5 = nn.Linear(1152, 256)
-        self.prelu5 = nn.PReLU(256)
+        self.prelu5 = PReLU(256)
         self.dense6_1 = nn.Linear(256, 2)
         self.dense6_2 = nn.Linear(256, 4)
         self.dense6_3 = nn.Linear(256, 10)
@@ -170,7 +229,7 @@ class ONet(nn.Module):
         x = self.prelu2(self.conv2(x))
         x = F.max_pool2d(x, 3, 2, ceil_mode=True)
         x = self.prelu3(self.conv3(x))
-        x = F.max_pool2d(x, 2, 2, ceil_mode=True)
+        x = _max_pool_2x2(x)
         x = self.prelu4(self.conv4(x))
         x = x.permute(0, 3, 2, 1).reshape(x.shape[0], -1)
         x = self.prelu5(self.dense5(x))
@@ -346,7 +405,6 @@ class FaceDetector:
                  thresholds: Sequence[float] = (0.6, 0.7, 0.7), factor: float = 0.709,
                  max_faces: int = 32, pipeline: str = "auto") -> None:
         if device is None:
-            from models.device import default_device
             device = default_device()
         if min_face_size < 12:
             raise ValueError("min_face_size must be >= 12 (PNet's window)")
@@ -357,6 +415,8 @@ class FaceDetector:
         if pipeline not in PIPELINES:
             raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         if pipeline == "auto":
             pipeline = "graph" if self.device.type == "cuda" else "dynamic"
         if pipeline == "graph" and self.device.type != "cuda":
@@ -372,6 +432,7 @@ class FaceDetector:
             net.to(device=self.device, dtype=torch.float32).eval().requires_grad_(False)
             # Inputs arrive channels-last (views of [B, H, W, 3] frames): keep the weights so.
             net.to(memory_format=torch.channels_last)
+        self._pnet_maps_net = _PNetMaps(self.pnet)
         self._pyramids: dict[tuple[int, int], _Pyramid] = {}
         self._fixed = None
         if pipeline != "dynamic":
@@ -430,17 +491,15 @@ class FaceDetector:
 
     # -- stages ---------------------------------------------------------------------------
     def _pnet_maps(self, frames: Tensor) -> tuple[_Integral, Tensor, Tensor]:
-        """Stage 1 for every frame and level: ``(integral, prob [B, P], reg [B, 4, P])``."""
+        """Stage 1 for every frame and level: ``(integral, prob [B, P], reg [B, P, 4])``."""
         b, h, w, _ = frames.shape
         pyr = self._pyramid(h, w)
         (corners, scale), _, _ = pyr.tables(self.device)
         integral = _Integral(frames)
-        probs, regs = [], []
-        for level in integral.pyramid(corners, scale, pyr.sizes):
-            reg, prob = self.pnet(level)
-            probs.append(prob[:, 1].reshape(b, -1))
-            regs.append(reg.reshape(b, 4, -1))
-        return integral, torch.cat(probs, dim=1), torch.cat(regs, dim=2)
+        maps = [self._pnet_maps_net(level).reshape(b, -1, 5)
+                for level in integral.pyramid(corners, scale, pyr.sizes, normalise=False)]
+        out = torch.cat(maps, dim=1) if len(maps) > 1 else maps[0]
+        return integral, torch.sigmoid(out[..., 0]), out[..., 1:]
 
     def _detect(self, frames: Tensor) -> tuple[Tensor, Tensor]:
         """The dynamic pipeline -> ``(boxes [N, 5], frame index [N])``."""
@@ -458,7 +517,7 @@ class FaceDetector:
             return empty
         score = prob[fi, pi]
         bx = window[pi]
-        r = reg[fi, :, pi]  # [N, 4]
+        r = reg[fi, pi]  # [N, 4]
         # NMS within each (frame, scale), then within each frame across scales.
         keep = batched_nms(bx, score, fi * len(pyr.scales) + scale_i[pi], 0.5)
         bx, score, r, fi = bx[keep], score[keep], r[keep], fi[keep]

@@ -142,7 +142,7 @@ class FixedPipeline:
         exact.append(((prob >= t1) & real).sum(dim=1).max() <= cand)
         bx = window[i1]  # [B, cand, 4]
         si = scale_i[i1]
-        r1 = torch.gather(reg, 2, i1[:, None, :].expand(-1, 4, -1)).transpose(1, 2)
+        r1 = torch.gather(reg, 1, i1[:, :, None].expand(-1, -1, 4))
         iou = _overlap(bx, bx, "union", 0.0)
         keep, conv = fixed_point_nms((iou > 0.5) & (si[:, :, None] == si[:, None, :]), v1)
         exact.append(conv)

@@ -461,3 +461,68 @@ def test_graph_shapes_are_bounded_on_cuda(monkeypatch: pytest.MonkeyPatch) -> No
         frames = torch.from_numpy(np.stack([scene(1, w, h)])).cuda()
         assert_same_detections(graphed.detect(frames), detector().detect(frames.cpu()))
     assert {k[1:] for k in graphed._fixed._captured} == {(120, 160), (240, 320)}
+
+
+# ------------------------------------------------------------------ the CPU path's rewrites
+def test_folded_pnet_matches_pnet() -> None:
+    """Normalisation folded into conv1's bias and the softmax head as one logit difference:
+    the same probabilities and regressions as PNet on normalised input."""
+    det = detector()
+    x = torch.randint(0, 256, (2, 3, 37, 53)).float().contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        reg, prob = det.pnet((x - 127.5) * 0.0078125)
+        out = det._pnet_maps_net(x * 0.0078125)  # [B, h, w, 5]
+    torch.testing.assert_close(torch.sigmoid(out[..., 0]), prob[:, 1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[..., 1:], reg.permute(0, 2, 3, 1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 10, 22, 22), (2, 16, 21, 9), (1, 4, 1, 1)])
+def test_prelu_and_pool_rewrites_are_exact(shape: tuple[int, ...]) -> None:
+    x = torch.randn(shape)
+    weight = torch.randn(shape[1])  # negative slopes too, as in MTCNN's weights
+    ours = detector_mod.PReLU(shape[1])
+    ours.weight.data.copy_(weight)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.contiguous(memory_format=layout)
+        assert torch.equal(ours(xl), torch.nn.functional.prelu(x, weight))
+        pooled = detector_mod._max_pool_2x2(xl)
+        assert torch.equal(pooled, torch.nn.functional.max_pool2d(x, 2, 2, ceil_mode=True))
+        assert pooled.is_contiguous(memory_format=layout)
+
+
+_FAULTS_SCRIPT = """
+import resource, sys
+import numpy as np, torch
+from PIL import Image
+from models.detector import FaceDetector
+from models.device import keep_freed_memory
+det = FaceDetector("cpu")  # a CPU detector applies the setting unless BATCHRTC_KEEP_HEAP=0
+print(keep_freed_memory())
+img = np.asarray(Image.open(sys.argv[1]).convert("RGB").resize((640, 480)))
+frames = torch.from_numpy(np.stack([img] * 8))
+for _ in range(3):  # the last batch shows what a steady batch loop pays
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    det.detect(frames)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc only")
+def test_keep_freed_memory_stops_refaulting_large_blocks() -> None:
+    """A steady CPU batch loop faults no memory in once the heap keeps freed blocks; with
+    glibc's defaults (BATCHRTC_KEEP_HEAP=0) a batch of 8 faults ~17,000 pages in again."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    results = {}
+    for keep in ("1", "0"):
+        env = {**os.environ, "BATCHRTC_KEEP_HEAP": keep, "PYTHONPATH": str(root)}
+        cmd = [sys.executable, "-c", _FAULTS_SCRIPT, str(FIXTURE)]
+        out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, check=True,
+                             timeout=120).stdout.split()
+        results[keep] = (out[0], int(out[1]))
+    assert results["1"][0] == "True" and results["0"][0] == "False"
+    assert results["0"][1] > 5_000, results  # the control: glibc refaults every batch
+    assert results["1"][1] < 500, results
