@@ -6,7 +6,10 @@ Frames are the astronaut picture pasted on a 640x480 canvas at varying places (o
 each). For each batch size it times, on the same frames:
 
 - ``before``: the detector as it was before issue 14 (``models/detector.py`` at commit
-  ``460de69``, read with ``git show``, or from ``--baseline FILE``);
+  ``460de69``, read with ``git show``, or from ``--baseline FILE``), in a process of its own
+  so that it runs as it did: the ``after`` detector changes a process-wide setting on CPU
+  (``models.device.keep_freed_memory``) that would otherwise speed ``before`` up too. The
+  processes take turns; neither runs while the other is timed;
 - ``after``: ``FaceDetector(device)`` with its defaults (what the server runs: the CUDA-graph
   pipeline on a GPU, the dynamic one on CPU); on a GPU also ``dynamic`` and ``fixed``
   (the same pipelines without graphs), to attribute the gain;
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import multiprocessing as mp
 import json
 import shlex
 import statistics
@@ -53,19 +57,78 @@ def frames(n: int, w: int, h: int) -> np.ndarray:
     return out
 
 
+def load_baseline_source() -> Path:
+    """The pre-issue-14 ``models/detector.py``, from git, in a temporary file."""
+    src = subprocess.run(["git", "show", f"{BASELINE_REV}:models/detector.py"], check=True,
+                         capture_output=True, text=True).stdout
+    tmp = Path(tempfile.mkdtemp()) / "detector_before.py"
+    tmp.write_text(src)
+    return tmp
+
+
 def load_baseline(path: str | None) -> Any:
     """The pre-issue-14 ``models.detector`` module (from a file, or from git)."""
     if path is None:
-        src = subprocess.run(["git", "show", f"{BASELINE_REV}:models/detector.py"], check=True,
-                             capture_output=True, text=True).stdout
-        tmp = Path(tempfile.mkdtemp()) / "detector_before.py"
-        tmp.write_text(src)
-        path = str(tmp)
+        path = str(load_baseline_source())
     spec = importlib.util.spec_from_file_location("detector_before", path)
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _before_worker(conn: Any, baseline: str | None, device: str, w: int, h: int) -> None:
+    """The ``before`` detector in its own process, answering the parent's calls in turn."""
+    torch.set_num_threads(int(conn.recv()))
+    mod = load_baseline(baseline)
+    det = mod.FaceDetector(torch.device(device))
+    cuda = device.startswith("cuda")
+    x = None
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        op, b = msg
+        if x is None or x.shape[0] != b:
+            x = torch.from_numpy(frames(b, w, h)).to(device)
+        if op == "batch":
+            mod.draw_boxes(x, det.detect(x)).cpu()
+            out: Any = None
+        else:
+            out = [r.cpu() for r in det.detect(x)]
+        if cuda:
+            torch.cuda.synchronize()
+        conn.send(out)
+
+
+class BeforeProcess:
+    """Proxy for the ``before`` detector in a spawned process: ``detect(x)`` and ``batch(x)``
+    run there on the same frames (built there from ``frames()``; only the batch size travels)."""
+
+    def __init__(self, baseline: str | None, device: torch.device, w: int, h: int) -> None:
+        if baseline is None:  # read git here: the child's working directory may differ
+            baseline = str(load_baseline_source())
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_before_worker, daemon=True,
+                                 args=(child, baseline, str(device), w, h))
+        self._proc.start()
+        self._conn.send(torch.get_num_threads())
+        self.pipeline = "dynamic"
+
+    def _call(self, op: str, x: torch.Tensor) -> Any:
+        self._conn.send((op, int(x.shape[0])))
+        return self._conn.recv()
+
+    def detect(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self._call("detect", x)
+
+    def batch(self, x: torch.Tensor) -> None:
+        self._call("batch", x)
+
+    def close(self) -> None:
+        self._conn.send(None)
+        self._proc.join(timeout=30)
 
 
 def timed(fn: Callable[[], Any], sync: Callable[[], None], reps: int) -> float:
@@ -139,15 +202,14 @@ def main() -> None:
     cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     name = torch.cuda.get_device_name(0) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    before = load_baseline(args.baseline)
-    variants: dict[str, Any] = {"before": before.FaceDetector(dev), "after": FaceDetector(dev)}
+    before = BeforeProcess(args.baseline, dev, w, h)
+    variants: dict[str, Any] = {"before": before, "after": FaceDetector(dev)}
     if cuda:
         variants["dynamic"] = FaceDetector(dev, pipeline="dynamic")
         variants["fixed"] = FaceDetector(dev, pipeline="fixed")
     # The documented speed knob: faces under min_face_size pixels are not looked for.
     coarse = f"after, min_face_size={args.min_face_size}"
     variants[coarse] = FaceDetector(dev, min_face_size=args.min_face_size)
-    draws = {"before": before.draw_boxes}
     rows = []
     for b in (int(x) for x in args.batches.split(",")):
         x = torch.from_numpy(frames(b, w, h)).to(dev)
@@ -155,9 +217,9 @@ def main() -> None:
         ref = variants["before"].detect(x)
         calls: dict[str, dict[str, Callable[[], Any]]] = {}
         for vname, det in variants.items():
-            draw = draws.get(vname, draw_boxes)
             calls[vname] = {
-                "batch": lambda det=det, draw=draw: draw(x, det.detect(x)).cpu(),
+                "batch": (lambda: before.batch(x)) if det is before
+                else (lambda det=det: draw_boxes(x, det.detect(x)).cpu()),
                 "detect": lambda det=det: det.detect(x),
             }
         # The variants take turns within each repetition, so a slow spell of a shared
@@ -185,6 +247,8 @@ def main() -> None:
                          "detect_ms": float("nan"), "faces": sum(len(r) for r in ref),
                          "agrees": True, "min_iou": 1.0, "max_score_diff": 0.0, "fallbacks": 0})
             print(rows[-1], flush=True)
+
+    before.close()
 
     def best(variant: str, cond: Callable[[dict], bool] = lambda r: True) -> dict | None:
         pool = [r for r in rows if r["variant"] == variant and cond(r)]
@@ -219,7 +283,7 @@ def main() -> None:
         f"Command: `{command}` (median of {args.reps} calls, the variants taking turns; fewer "
         "above batch 32). A batch is "
         "detect + draw + copy to host; `before` is the detector at commit "
-        f"{BASELINE_REV}, `after` the default `FaceDetector` "
+        f"{BASELINE_REV} (in a process of its own, as it ran), `after` the default `FaceDetector` "
         f"({variants['after'].pipeline} pipeline here).",
         "",
         "| batch | variant | batch ms | frames/s | vs before | detect ms | faces | same as before | fallbacks |",
