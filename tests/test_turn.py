@@ -351,6 +351,33 @@ async def test_a_failing_server_rtc_configuration_callable_fails_only_that_offer
     assert stream.active_sessions == 0
 
 
+async def _page_rtc_configuration(base: str) -> dict:
+    """What the /ui page gets when it asks for its RTCConfiguration (Gradio's HTTP API, as the
+    page's script does: the `rtc_configuration` server function of the panel)."""
+    async with httpx.AsyncClient(timeout=60) as http:
+        cfg = (await http.get(f"{base}/ui/config")).json()
+        prefix = f"{base}/ui{cfg.get('api_prefix', '/gradio_api')}"
+        panel = next(c["id"] for c in cfg["components"] if c.get("props", {}).get("elem_id") == "batchrtc-panel")
+        r = await http.post(f"{prefix}/component_server", json={
+            "session_hash": "page1", "component_id": panel, "fn_name": "rtc_configuration", "data": None})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def test_the_ui_page_gets_fresh_credentials_from_a_helper(api, serve):
+    """`rtc_configuration` as a helper (sync partial, or FastRTC's async Cloudflare helper):
+    called for each page connection, its dict reaches the page as JSON."""
+    rest = functools.partial(get_turn_rest_credentials, "s3cret", "turn:turn.example.org:3478", 600, "page")
+    server = serve(Stream(Echo(), modality="audio", concurrency_limit=1, rtc_configuration=rest))
+    first = await _page_rtc_configuration(server.http)
+    assert first["iceServers"][0]["urls"] == ["turn:turn.example.org:3478"]
+    assert re.fullmatch(r"\d+:page", first["iceServers"][0]["username"])
+    cf = functools.partial(get_cloudflare_turn_credentials_async, CF_KEY_ID, CF_TOKEN, ttl=77)
+    server = serve(Stream(Echo(), modality="audio", concurrency_limit=1, rtc_configuration=cf))
+    assert await _page_rtc_configuration(server.http) == cloudflare_ice(77)
+    assert [c["api"] for c in api] == ["cloudflare"]
+
+
 # -- a real coturn ----------------------------------------------------------------------------------
 
 class Echo(StreamHandler):
