@@ -70,14 +70,17 @@ def _mask(text: str, secrets: Sequence[str | None]) -> str:
     return text
 
 
+def _excerpt(response: httpx.Response, secrets: Sequence[str | None]) -> str:
+    return _mask(response.text, secrets)[:_EXCERPT]  # masked before the cut: no half secret left
+
+
 def _result(provider: str, response: httpx.Response, secrets: Sequence[str | None]) -> dict[str, Any]:
     if not response.is_success:
-        body = _mask(response.text[:_EXCERPT], secrets)
-        raise TurnCredentialsError(provider, response.status_code, body)
+        raise TurnCredentialsError(provider, response.status_code, _excerpt(response, secrets))
     try:
         data = response.json()
     except ValueError:
-        body = _mask(response.text[:_EXCERPT], secrets)
+        body = _excerpt(response, secrets)
         raise TurnCredentialsError(provider, None, body, detail=f"HTTP {response.status_code}, not JSON") from None
     if not isinstance(data, dict):
         raise TurnCredentialsError(provider, None, "", detail=f"expected a JSON object, got {type(data).__name__}")
@@ -301,7 +304,8 @@ def get_turn_rest_credentials(
     base64(HMAC-SHA1(secret, that username)); the TURN server recomputes it from the shared
     secret and refuses it after the expiry. `secret` defaults to `BATCHRTC_TURN_SECRET`,
     `urls` (e.g. `"turn:turn.example.org:3478"`, or several) to `BATCHRTC_TURN_URLS`
-    (comma-separated). `relay_only` adds `"iceTransportPolicy": "relay"`.
+    (comma-separated). `relay_only` adds `"iceTransportPolicy": "relay"`; `now` (unix
+    seconds) replaces the clock, for tests.
 
     Returns `{"iceServers": [{"urls": [...], "username": ..., "credential": ...}]}`, usable as
     `Stream(rtc_configuration=...)` and `server_rtc_configuration=...`. Credentials expire:

@@ -94,6 +94,8 @@ def provider_app(calls: list[dict[str, Any]]) -> FastAPI:
         body = await request.json()
         calls.append({"api": "cloudflare", "key_id": key_id, "token": bearer(request), "body": body,
                       "content_type": request.headers.get("content-type")})
+        if key_id == "padded":  # the token straddles the helper's 300-character excerpt
+            return JSONResponse({"message": "x" * 270 + f" token={bearer(request)}"}, 403)
         if key_id != CF_KEY_ID:
             return JSONResponse({"success": False, "errors": [{"code": 10004, "message": "key not found"}]}, 404)
         if bearer(request) != CF_TOKEN:
@@ -197,6 +199,9 @@ async def test_a_refused_request_says_status_and_body_but_not_the_secret(api):
         get_cloudflare_turn_credentials(CF_KEY_ID, "wrong-" + CF_TOKEN)
     assert e.value.status == 401 and e.value.provider == "Cloudflare"
     assert "bad token" in str(e.value) and CF_TOKEN not in str(e.value) and "***" in e.value.body
+    with pytest.raises(TurnCredentialsError, match="HTTP 403") as e:
+        get_cloudflare_turn_credentials("padded", CF_TOKEN)
+    assert CF_TOKEN[:8] not in str(e.value) and "token=***" in str(e.value)
     with pytest.raises(TurnCredentialsError, match="HTTP 404.*key not found"):
         await get_cloudflare_turn_credentials_async("unknown-key", CF_TOKEN)
     with pytest.raises(TurnCredentialsError, match="HTTP 400"):
