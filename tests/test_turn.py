@@ -283,6 +283,28 @@ async def test_dispatchers_pass_each_provider_its_own_arguments(api):
     assert [c["api"] for c in api] == ["cloudflare", "twilio", "hf", "cloudflare"]
 
 
+def test_signatures_are_fastrtcs():
+    """FastRTC 0.0.34's `credentials.py` parameters and defaults, name for name."""
+    import inspect
+
+    expected = {
+        get_cloudflare_turn_credentials: [("turn_key_id", None), ("turn_key_api_token", None), ("hf_token", None), ("ttl", 600)],
+        get_cloudflare_turn_credentials_async: [("turn_key_id", None), ("turn_key_api_token", None), ("hf_token", None),
+                                                ("ttl", 600), ("client", None)],
+        get_hf_turn_credentials: [("token", None), ("ttl", 600)],
+        get_hf_turn_credentials_async: [("token", None), ("ttl", 600), ("client", None)],
+        get_twilio_turn_credentials: [("twilio_sid", None), ("twilio_token", None)],
+        get_turn_credentials: [("method", "cloudflare"), ("kwargs", inspect.Parameter.empty)],
+        get_turn_credentials_async: [("method", "cloudflare"), ("kwargs", inspect.Parameter.empty)],
+    }
+    for fn, params in expected.items():
+        got = [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
+        assert got == params, fn.__name__
+    assert inspect.iscoroutinefunction(get_cloudflare_turn_credentials_async)
+    assert inspect.iscoroutinefunction(get_hf_turn_credentials_async)
+    assert inspect.iscoroutinefunction(get_turn_credentials_async)
+
+
 # -- self-hosted TURN: the shared-secret scheme ---------------------------------------------------
 
 def test_turn_rest_credentials_shape_and_expiry():
