@@ -125,9 +125,11 @@ async def connect(
     recv_video: bool = False,
     recv_audio: bool = False,
     keep_frames: int = 10_000,
+    configuration: RTCConfiguration | None = None,
 ) -> tuple[Client, dict]:
-    """Connect like FastRTC's Python client: data channel first, then the offer."""
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    """Connect like FastRTC's Python client: data channel first, then the offer.
+    `configuration`: the client's ICE servers and policy (default: none, host candidates)."""
+    pc = RTCPeerConnection(configuration or RTCConfiguration(iceServers=[]))
     client = Client(pc, webrtc_id)
     channel = pc.createDataChannel("text")
     client.channel = channel

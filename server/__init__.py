@@ -19,6 +19,17 @@ from .pause_detection import (
 )
 from .reply_on_pause import AlgoOptions, ReplyOnPause
 from .stream import Stream, UnknownConnection
+from .turn import (
+    TurnCredentialsError,
+    get_cloudflare_turn_credentials,
+    get_cloudflare_turn_credentials_async,
+    get_hf_turn_credentials,
+    get_hf_turn_credentials_async,
+    get_turn_credentials,
+    get_turn_credentials_async,
+    get_turn_rest_credentials,
+    get_twilio_turn_credentials,
+)
 from .utils import (
     AdditionalOutputs,
     CloseStream,
@@ -50,6 +61,7 @@ __all__ = [
     "SileroVadOptions",
     "Stream",
     "StreamHandler",
+    "TurnCredentialsError",
     "UnknownConnection",
     "VideoEmitType",
     "VideoStreamHandler",
@@ -62,7 +74,15 @@ __all__ = [
     "audio_to_file",
     "audio_to_float32",
     "audio_to_int16",
+    "get_cloudflare_turn_credentials",
+    "get_cloudflare_turn_credentials_async",
     "get_current_context",
+    "get_hf_turn_credentials",
+    "get_hf_turn_credentials_async",
     "get_silero_model",
+    "get_turn_credentials",
+    "get_turn_credentials_async",
+    "get_turn_rest_credentials",
+    "get_twilio_turn_credentials",
     "wait_for_item",
 ]

@@ -162,7 +162,8 @@ class StreamConfig:
     allow_extra_tracks: bool = False
     rtp_params: Mapping[str, Any] | None = None
     rtc_configuration: Mapping[str, Any] | Callable[..., Any] | None = None
-    server_rtc_configuration: Mapping[str, Any] | None = None
+    # a dict, or a callable returning one per offer (fresh time-limited TURN credentials)
+    server_rtc_configuration: Mapping[str, Any] | Callable[[], Any] | None = None
     track_constraints: Mapping[str, Any] | None = None
     additional_inputs: tuple[Any, ...] = ()
     additional_outputs: tuple[Any, ...] = ()
@@ -218,6 +219,11 @@ class StreamConfig:
             raise ValueError(f"time_limit must be positive seconds, got {time_limit!r}")
         if handler_timeout is not None and handler_timeout <= 0:
             raise ValueError(f"handler_timeout must be positive seconds or None, got {handler_timeout!r}")
+        server_rtc = rest.get("server_rtc_configuration")
+        if server_rtc is not None and not callable(server_rtc):
+            from .ice_servers import aiortc_configuration  # aiortc only when a dict is given
+
+            aiortc_configuration(server_rtc)  # a typo fails here, not at every offer
         return cls(
             modality=modality,  # type: ignore[arg-type]
             mode=mode,  # type: ignore[arg-type]

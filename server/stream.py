@@ -54,7 +54,7 @@ class Stream(FastAPI):
         allow_extra_tracks: bool = False,
         rtp_params: dict[str, Any] | None = None,
         rtc_configuration: dict[str, Any] | Callable[..., Any] | None = None,
-        server_rtc_configuration: dict[str, Any] | None = None,
+        server_rtc_configuration: dict[str, Any] | Callable[[], Any] | None = None,
         track_constraints: dict[str, Any] | None = None,
         additional_inputs: list[Any] | None = None,
         additional_outputs: list[Any] | None = None,

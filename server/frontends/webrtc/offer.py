@@ -9,17 +9,19 @@ candidate to a connection.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
+from ...ice_servers import aiortc_configuration
 from ...limits import MAX_OFFER_BYTES
 from ...registry import Refused
 from ...request_body import read_json
@@ -57,13 +59,16 @@ def _failed(error: str, status: int = 200, **meta: Any) -> JSONResponse:
     return JSONResponse({"status": "failed", "meta": {"error": error, **meta}}, status_code=status)
 
 
-def rtc_configuration(config: dict[str, Any] | None) -> RTCConfiguration:
-    """The server's ICE configuration. Without one, no STUN server at all (aiortc would
-    otherwise contact a public STUN server); pass TURN/STUN via `server_rtc_configuration`."""
-    servers = []
-    for s in (config or {}).get("iceServers", []) or []:
-        servers.append(RTCIceServer(urls=s.get("urls"), username=s.get("username"), credential=s.get("credential")))
-    return RTCConfiguration(iceServers=servers)
+async def server_ice_configuration(config: StreamConfig) -> RTCConfiguration:
+    """The server's ICE configuration for one offer: `server_rtc_configuration`, or what it
+    returns when it is a callable (sync or async), so time-limited TURN credentials are fresh
+    for every connection. A sync callable runs on a thread: it may call a provider's API."""
+    value = config.server_rtc_configuration
+    if callable(value):
+        value = value() if inspect.iscoroutinefunction(value) else await asyncio.to_thread(value)
+        if inspect.isawaitable(value):
+            value = await value
+    return aiortc_configuration(value)
 
 
 def router(registry: SessionRegistry, config: StreamConfig) -> APIRouter:
@@ -130,7 +135,13 @@ async def negotiate(registry: SessionRegistry, config: StreamConfig, webrtc_id: 
     except Exception as e:  # the handler's copy() raised: not the client's fault
         logger.exception("could not open a session")
         return _failed("negotiation_failed", 500, detail=f"{type(e).__name__}: {e}")
-    pc = RTCPeerConnection(rtc_configuration(config.server_rtc_configuration))
+    try:
+        ice = await server_ice_configuration(config)
+    except Exception as e:  # the app's callable (or what it returned): not the client's fault
+        logger.exception("session %s: server_rtc_configuration failed", session.log_id)
+        await session.close(f"server_rtc_configuration failed: {type(e).__name__}")
+        return _failed("negotiation_failed", 500, detail=f"server_rtc_configuration: {type(e).__name__}: {e}")
+    pc = RTCPeerConnection(ice)
     conn = WebRTCConnection(config, registry, session, pc, channel)
     try:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
