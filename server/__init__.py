@@ -18,7 +18,10 @@ from .pause_detection import (
     get_silero_model,
 )
 from .reply_on_pause import AlgoOptions, ReplyOnPause
+from .reply_on_stopwords import ReplyOnStopWords
+from .speech_to_text import MoonshineSTT, STTModel, get_stt_model
 from .stream import Stream, UnknownConnection
+from .text_to_speech import KokoroTTSOptions, TTSModel, get_tts_model
 from .utils import (
     AdditionalOutputs,
     CloseStream,
@@ -43,13 +46,18 @@ __all__ = [
     "AudioEmitType",
     "AudioVideoStreamHandler",
     "CloseStream",
+    "KokoroTTSOptions",
     "ModelOptions",
+    "MoonshineSTT",
     "PauseDetectionModel",
     "ReplyOnPause",
+    "ReplyOnStopWords",
+    "STTModel",
     "SileroVADModel",
     "SileroVadOptions",
     "Stream",
     "StreamHandler",
+    "TTSModel",
     "UnknownConnection",
     "VideoEmitType",
     "VideoStreamHandler",
@@ -64,5 +72,7 @@ __all__ = [
     "audio_to_int16",
     "get_current_context",
     "get_silero_model",
+    "get_stt_model",
+    "get_tts_model",
     "wait_for_item",
 ]

@@ -28,6 +28,20 @@ MIN_RATE, MAX_RATE = 80, 450  # words per minute eSpeak accepts
 _Callback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
 
 
+class _Voice(ctypes.Structure):
+    _fields_ = [
+        ("name", ctypes.c_char_p),
+        ("languages", ctypes.c_char_p),
+        ("identifier", ctypes.c_char_p),
+        ("gender", ctypes.c_ubyte),
+        ("age", ctypes.c_ubyte),
+        ("variant", ctypes.c_ubyte),
+        ("xx1", ctypes.c_ubyte),
+        ("score", ctypes.c_int),
+        ("spare", ctypes.c_void_p),
+    ]
+
+
 class EspeakError(RuntimeError):
     """eSpeak NG is missing or failed."""
 
@@ -40,6 +54,8 @@ class _Espeak:
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.espeak_SetSynthCallback.argtypes = [_Callback]
         lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        lib.espeak_ListVoices.argtypes = [ctypes.POINTER(_Voice)]
+        lib.espeak_ListVoices.restype = ctypes.POINTER(ctypes.POINTER(_Voice))
         lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         lib.espeak_Synth.argtypes = [
             ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
@@ -60,9 +76,29 @@ class _Espeak:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
         return 0  # continue
 
-    def say(self, text: str, voice: str, rate_wpm: int) -> NDArray[np.int16]:
-        if self.lib.espeak_SetVoiceByName(voice.encode()) != EE_OK:
+    def _by_language(self, voice: str) -> str | None:
+        """`en-gb+klatt` -> `gmw/en+klatt`: the library's SetVoiceByName knows voice files,
+        not language codes (the espeak-ng command line looks languages up like this)."""
+        lang, _, variant = voice.partition("+")
+        spec = _Voice(languages=lang.lower().encode())
+        found = self.lib.espeak_ListVoices(ctypes.byref(spec))
+        i = 0
+        while found and found[i]:
+            ident = (found[i].contents.identifier or b"").decode()
+            i += 1
+            if ident and not ident.startswith("mb/"):  # mbrola voices need extra data
+                return f"{ident}+{variant}" if variant else ident
+        return None
+
+    def _set_voice(self, voice: str) -> None:
+        if self.lib.espeak_SetVoiceByName(voice.encode()) == EE_OK:
+            return
+        resolved = self._by_language(voice)
+        if resolved is None or self.lib.espeak_SetVoiceByName(resolved.encode()) != EE_OK:
             raise ValueError(f"eSpeak NG has no voice {voice!r}")
+
+    def say(self, text: str, voice: str, rate_wpm: int) -> NDArray[np.int16]:
+        self._set_voice(voice)
         self.lib.espeak_SetParameter(RATE, rate_wpm, 0)
         data = text.encode("utf-8") + b"\0"
         self._chunks = []

@@ -127,7 +127,19 @@ class PocketSphinxSTT:
 class MoonshineSTT:
     """Moonshine (ONNX) from local files, FastRTC's model; needs `useful-moonshine-onnx`."""
 
-    def __init__(self, model: str, models_dir: Path) -> None:
+    def __init__(
+        self,
+        model: Literal["moonshine/base", "moonshine/tiny"] = "moonshine/base",
+        models_dir: Path | None = None,
+    ) -> None:
+        if model not in MOONSHINE_MODELS:
+            raise ValueError(f"unknown Moonshine model {model!r}: use one of {MOONSHINE_MODELS}")
+        models_dir = models_dir or find_files(model, MOONSHINE_FILES)
+        if models_dir is None:
+            raise FileNotFoundError(
+                f"no Moonshine files ({', '.join(MOONSHINE_FILES)}) in {model_dir() / model}: "
+                f"put them there or set {ENV_VAR} (nothing is downloaded)"
+            )
         from moonshine_onnx import MoonshineOnnxModel, load_tokenizer
 
         # The package's tokenizer is bundled; with models_dir it reads the weights from there.
