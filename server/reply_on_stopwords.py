@@ -177,7 +177,11 @@ class ReplyOnStopWords(ReplyOnPause):
         self._window.clear()
         self._window_len = 0
         self._untranscribed, self._since_stt = False, 0
-        await self.send_message(create_message("stopword", ""))
+        self.send_stopword()
+
+    def send_stopword(self) -> None:
+        """Tell the client a stop word was heard (FastRTC's message; safe from any thread)."""
+        self.send_message_sync(create_message("stopword", ""))
 
     def _reset_vad(self, sr: int) -> None:
         super()._reset_vad(sr)
