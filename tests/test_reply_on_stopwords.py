@@ -12,6 +12,7 @@ from scipy.signal import resample_poly
 from server import ReplyOnStopWords, Stream, get_silero_model, get_stt_model
 from server.reply_on_stopwords import STOPWORD_WINDOW_S
 from tests.audio_fixtures import load_wav, speech_spans
+from tests.webrtc_client import AudioSource, connect
 from tests.ws_client import stream_audio
 
 FIXTURE = "stop_word_16k.wav"
@@ -126,3 +127,42 @@ async def test_silence_costs_no_transcription(serve):
     # The same handler does transcribe speech (so the count above could have been non-zero).
     rec = await stream_audio(f"{server.ws}/websocket/offer", "speech-1", fixture_48k()[: 3 * 48000], 48000, tail_s=1.0)
     assert calls, rec.messages
+
+
+async def test_stop_word_over_webrtc(serve):
+    """The same demo through a real aiortc peer: Opus audio in, the `stopword` message on the
+    data channel, the reply as audio."""
+    calls: list[tuple[int, np.ndarray]] = []
+
+    def reply(audio: tuple[int, np.ndarray]):
+        calls.append(audio)
+        yield audio
+
+    stream = Stream(ReplyOnStopWords(reply, ["computer"]), modality="audio", mode="send-receive")
+    server = serve(stream)
+    pcm = fixture_48k(tail_s=1.0)
+    source = AudioSource(pcm)
+    client, answer = await connect(server.http, "stop-rtc", audio=source, recv_audio=True)
+    s_q, e_q = speech_spans(FIXTURE)[2]  # the question
+    try:
+        assert answer["type"] == "answer", answer
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + pcm.size / 48000 + 8  # the STT may run behind real time
+        while not calls and loop.time() < deadline:
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.0)
+        stopwords = [m for m in client.messages if m.get("type") == "stopword"]
+        assert stopwords == [{"type": "stopword", "data": ""}], client.messages
+        assert len(calls) == 1, [c[1].shape for c in calls]
+        q = e_q - s_q
+        assert q - 0.1 <= calls[0][1].shape[1] / calls[0][0] <= q + 2.0
+        t0 = source._start
+        loud = [t - t0 for t, a in client.audio if np.abs(a.astype(np.int32)).mean() > 300]
+        assert loud and loud[0] > e_q, loud[:1]  # the echo, only after the question
+    finally:
+        await client.close()
+    for _ in range(100):
+        if stream.active_sessions == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert stream.active_sessions == 0
