@@ -262,3 +262,31 @@ def test_get_tts_model_without_local_files_warns_and_uses_espeak(tmp_path, monke
             get_tts_model("piper")
     finally:
         get_tts_model.cache_clear()
+
+
+def test_espeak_without_the_wheel_uses_the_system_library_or_says_what_to_install(monkeypatch):
+    import ctypes.util
+    import subprocess
+    import sys
+
+    from server import espeak
+
+    # Neither the wheel nor a system library: a clear error naming both ways to get one.
+    monkeypatch.setitem(sys.modules, "espeakng_loader", None)  # import raises ImportError
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    with pytest.raises(espeak.EspeakError, match="pip install espeakng-loader"):
+        espeak._load()
+    monkeypatch.undo()
+    if ctypes.util.find_library("espeak-ng") is None:
+        pytest.skip("no system libespeak-ng (Debian: apt-get install espeak-ng) to fall back to")
+    # Without the wheel, the Debian library and its own voice data speak (a fresh process:
+    # the synthesiser is global).
+    code = (
+        "import sys; sys.modules['espeakng_loader'] = None\n"
+        "from server.espeak import synthesize\n"
+        "sr, pcm = synthesize('hello there', 'en-us')\n"
+        "print(sr, pcm.size, int(abs(pcm).max()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    sr, n, peak = map(int, out.stdout.split())
+    assert sr == 22050 and n > 0.3 * sr and peak > 1000, out.stdout
