@@ -96,7 +96,6 @@ class ReplyOnStopWords(ReplyOnPause):
         self._window_len = 0
         self._untranscribed = False  # speech in the window the STT has not seen yet
         self._since_stt = 0  # samples since that speech began or was last transcribed
-        self.stt_calls = 0
 
     def copy(self) -> ReplyOnStopWords:
         clone = ReplyOnStopWords(
@@ -168,7 +167,6 @@ class ReplyOnStopWords(ReplyOnPause):
             return  # mid-speech: wait for the speech to end or a stride to pass
         self._untranscribed, self._since_stt = False, 0
         audio = np.concatenate([c for c, _ in self._window])
-        self.stt_calls += 1
         text = await self.run_blocking(self.stt_model.stt, (sr, audio))
         logger.debug("ReplyOnStopWords heard %r", text)
         if self._state is not st or self._shut_down or not self.stop_word_detected(text):
