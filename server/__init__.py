@@ -18,7 +18,10 @@ from .pause_detection import (
     get_silero_model,
 )
 from .reply_on_pause import AlgoOptions, ReplyOnPause
+from .reply_on_stopwords import ReplyOnStopWords
+from .speech_to_text import MoonshineSTT, STTModel, get_stt_model
 from .stream import Stream, UnknownConnection
+from .text_to_speech import KokoroTTSOptions, TTSModel, get_tts_model
 from .turn import (
     TurnCredentialsError,
     get_cloudflare_turn_credentials,
@@ -54,13 +57,18 @@ __all__ = [
     "AudioEmitType",
     "AudioVideoStreamHandler",
     "CloseStream",
+    "KokoroTTSOptions",
     "ModelOptions",
+    "MoonshineSTT",
     "PauseDetectionModel",
     "ReplyOnPause",
+    "ReplyOnStopWords",
+    "STTModel",
     "SileroVADModel",
     "SileroVadOptions",
     "Stream",
     "StreamHandler",
+    "TTSModel",
     "TurnCredentialsError",
     "UnknownConnection",
     "VideoEmitType",
@@ -80,6 +88,8 @@ __all__ = [
     "get_hf_turn_credentials",
     "get_hf_turn_credentials_async",
     "get_silero_model",
+    "get_stt_model",
+    "get_tts_model",
     "get_turn_credentials",
     "get_turn_credentials_async",
     "get_turn_rest_credentials",
