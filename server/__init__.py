@@ -21,7 +21,7 @@ from .reply_on_pause import AlgoOptions, ReplyOnPause
 from .reply_on_stopwords import ReplyOnStopWords
 from .speech_to_text import MoonshineSTT, STTModel, get_stt_model
 from .stream import Stream, UnknownConnection
-from .text_to_speech import KokoroTTSOptions, TTSModel, get_tts_model
+from .text_to_speech import CartesiaTTSOptions, KokoroTTSOptions, TTSModel, get_tts_model
 from .turn import (
     TurnCredentialsError,
     get_cloudflare_turn_credentials,
@@ -56,6 +56,7 @@ __all__ = [
     "AsyncStreamHandler",
     "AudioEmitType",
     "AudioVideoStreamHandler",
+    "CartesiaTTSOptions",
     "CloseStream",
     "KokoroTTSOptions",
     "ModelOptions",

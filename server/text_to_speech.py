@@ -13,7 +13,7 @@ import functools
 import logging
 import re
 from collections.abc import AsyncGenerator, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -65,6 +65,19 @@ class KokoroTTSOptions(TTSOptions):
     voice: str = "af_heart"
     speed: float = 1.0
     lang: str = "en-us"
+
+
+@dataclass
+class CartesiaTTSOptions(TTSOptions):
+    """FastRTC's options for its hosted Cartesia model, so apps that import them load; the
+    model itself is not offered here (`get_tts_model("cartesia")` says so)."""
+
+    voice: str = "71a7ad14-091c-4e8e-a314-022ece01c121"
+    language: str = "en"
+    emotion: list[str] = field(default_factory=list)
+    cartesia_version: str = "2024-06-10"
+    model: str = "sonic-2"
+    sample_rate: int = 22_050
 
 
 def sentences(text: str) -> list[str]:
@@ -190,7 +203,10 @@ def get_tts_model(model: Literal["kokoro", "espeak"] = "kokoro", **kwargs: Any) 
     for eSpeak NG directly. FastRTC's `"cartesia"` is a hosted service and is not offered.
     """
     if model == "cartesia":
-        raise ValueError("get_tts_model('cartesia'): Cartesia is a hosted service; this server is offline-only")
+        raise ValueError(
+            "get_tts_model('cartesia'): Cartesia's hosted TTS is not supported by this server; "
+            "use get_tts_model() (eSpeak NG, offline) or put Kokoro's files in "
+            "$BATCHRTC_MODEL_DIR (see docs/speech_models.md)")
     if model not in ("kokoro", "espeak"):
         raise ValueError(f"unknown TTS model {model!r}: use 'kokoro' or 'espeak'")
     m = _local_kokoro() if model == "kokoro" else None

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.signal import resample_poly
 
-from server import KokoroTTSOptions, get_stt_model, get_tts_model
+from server import CartesiaTTSOptions, KokoroTTSOptions, get_stt_model, get_tts_model
 from server.speech_to_text import MoonshineSTT, PocketSphinxSTT, stt_for_chunks
 from server.text_to_speech import EspeakTTS
 from tests.audio_fixtures import load_wav, speech_spans
@@ -256,8 +256,9 @@ def test_get_tts_model_without_local_files_warns_and_uses_espeak(tmp_path, monke
         assert isinstance(m, EspeakTTS)
         assert str(tmp_path / "kokoro") in caplog.text
         assert get_tts_model() is m
-        with pytest.raises(ValueError, match="hosted"):
+        with pytest.raises(ValueError, match="Cartesia's hosted TTS is not supported"):
             get_tts_model("cartesia")
+        assert CartesiaTTSOptions().sample_rate == 22_050  # FastRTC's options still import
         with pytest.raises(ValueError, match="unknown TTS model"):
             get_tts_model("piper")
     finally:
