@@ -104,10 +104,15 @@ async def test_with_stream_ui_extension_is_what_ui_serves(serve) -> None:
             assert r.status_code == 200, r.text
             assert r.json()["data"] == [f"clicked {wid}"]
             assert clicks == [(wid, True)]
+            # the page's Stop ends the session: gone from `handlers` too
+            r = await http.post(f"{server.http}/ui/gradio_api/component_server", json={
+                "session_hash": "page-1", "component_id": ids["batchrtc-panel"], "fn_name": "ui_stop",
+                "data": {"webrtc_id": wid}})
+            assert r.status_code == 200, r.text
+            assert await until(lambda: wid not in stream.handlers)
+            assert len(stream.handlers) == 0 and list(stream.handlers) == [] and stream.handlers.get(wid) is None
         finally:
             await pc.close()
-    assert await until(lambda: wid not in stream.handlers)
-    assert len(stream.handlers) == 0 and list(stream.handlers) == []
 
 
 async def test_assigned_blocks_are_served_even_after_ui_was_mounted(serve) -> None:

@@ -1,10 +1,12 @@
 """The Gradio `/ui`: an auto-generated page for any stream.
 
 `LazyGradioUI(backend)` is a tiny ASGI app for `/ui`. Nothing Gradio is imported or built
-until the first request under `/ui`: then the Blocks are built (in a worker thread, so live
-connections on the event loop keep flowing), mounted with `gr.mount_gradio_app`, and
-Gradio's own lifespan (its queue) is started; every later request goes straight to the
-Gradio app, exactly as if it had been mounted eagerly.
+until `Stream.ui` is read or the first request under `/ui` comes: then the Blocks are built
+(for a request, in a worker thread, so live connections on the event loop keep flowing),
+mounted with `gr.mount_gradio_app`, and Gradio's own lifespan (its queue) is started; every
+later request goes straight to the Gradio app, exactly as if it had been mounted eagerly.
+`Stream.ui = blocks` makes the next request mount those Blocks instead (FastRTC's
+`stream.ui` setter); `blocks.launch()` is wrapped so its own server runs the stream too.
 
 The page's media never goes through Gradio: a small WebRTC client (`static/panel.js`, inside
 a `gr.HTML` panel) makes its offer through its own Gradio session (a server function), which
@@ -44,6 +46,26 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 UI_PATH = "/ui"
+# The generated page's panel is a `gr.HTML` with its own script and server functions
+# (`html_template`, `js_on_load`, `server_functions`): Gradio 6 only.
+PAGE_MIN_GRADIO = 6
+
+
+class UIUnavailable(RuntimeError):
+    """The generated page cannot be built with the installed Gradio."""
+
+
+def check_gradio_for_page() -> None:
+    import gradio as gr
+
+    major = int(gr.__version__.split(".")[0])
+    if major < PAGE_MIN_GRADIO:
+        raise UIUnavailable(
+            f"batchrtc's generated /ui page needs gradio>={PAGE_MIN_GRADIO} (installed: "
+            f"{gr.__version__}). Everything else (WebRTC, WebSocket, telephone, set_input, "
+            "output_stream) works with it; for a page, install gradio>=6, or serve your own "
+            "Blocks with `stream.ui = blocks` (it cannot use the stream's media panel)."
+        )
 OUTPUT_MIN_INTERVAL_S = 0.1  # additional outputs reach the page at most ~10 times a second
 
 
@@ -95,6 +117,7 @@ class LazyGradioUI:
         """The generated page, built now if it was not yet (blocking: a second or two)."""
         with self._build_lock:
             if self.default is None:
+                check_gradio_for_page()
                 t0 = time.perf_counter()
                 self.default = build_blocks(self.backend)
                 self.build_seconds = time.perf_counter() - t0
@@ -148,7 +171,14 @@ class LazyGradioUI:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket"):
             return
-        app = await self._ensure_started()
+        try:
+            app = await self._ensure_started()
+        except UIUnavailable as e:
+            if scope["type"] == "http":
+                await send({"type": "http.response.start", "status": 501,
+                            "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+                await send({"type": "http.response.body", "body": str(e).encode()})
+            return
         await app(scope, receive, send)
 
     def _current(self, loop: asyncio.AbstractEventLoop) -> bool:
@@ -450,7 +480,7 @@ def build_blocks(backend: PageBackend) -> DefaultUI:
                     rendered: dict[int, Any] = {}
                     inputs = [_component(gr, c, i, "input", rendered) for i, c in enumerate(stream.additional_inputs)]
                     outputs = [_component(gr, c, i, "output", rendered) for i, c in enumerate(stream.additional_outputs)]
-        webrtc_box = gr.Textbox(value="", visible=_hidden(gr), label="webrtc_id", elem_id="batchrtc-webrtc-id")
+        webrtc_box = gr.Textbox(value="", visible="hidden", label="webrtc_id", elem_id="batchrtc-webrtc-id")
         webrtc_box.handlers = HandlerView(registry)  # FastRTC: `stream.webrtc_component.handlers[id]`
 
         def event_id(evt: Any) -> str:
@@ -572,12 +602,6 @@ def build_blocks(backend: PageBackend) -> DefaultUI:
                 listener(push_inputs, inputs=[webrtc_box, *inputs], outputs=None,
                          trigger_mode="always_last", **common)
     return DefaultUI(blocks, webrtc_box)
-
-
-def _hidden(gr: Any) -> Any:
-    """Rendered but not shown: Gradio 6's `visible="hidden"`; the 5 line only knows False
-    (which still keeps the value on the page)."""
-    return "hidden" if int(gr.__version__.split(".")[0]) >= 6 else False
 
 
 def _rtc_configuration_fn(stream: StreamConfig) -> Any:
