@@ -46,9 +46,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 UI_PATH = "/ui"
-# The generated page's panel is a `gr.HTML` with its own script and server functions
-# (`html_template`, `js_on_load`, `server_functions`): Gradio 6 only.
-PAGE_MIN_GRADIO = 6
+# On Gradio 6 the page's panel is a `gr.HTML` with its own script and server functions
+# (`html_template`, `js_on_load`, `server_functions`); on the 5 line (FastRTC's) the same
+# script runs from the page's <head>, talking to Python through hidden textboxes (`_bridge`).
+PAGE_MIN_GRADIO = 5
 
 
 class UIUnavailable(RuntimeError):
@@ -62,10 +63,14 @@ def check_gradio_for_page() -> None:
     if major < PAGE_MIN_GRADIO:
         raise UIUnavailable(
             f"batchrtc's generated /ui page needs gradio>={PAGE_MIN_GRADIO} (installed: "
-            f"{gr.__version__}). Everything else (WebRTC, WebSocket, telephone, set_input, "
-            "output_stream) works with it; for a page, install gradio>=6, or serve your own "
-            "Blocks with `stream.ui = blocks` (it cannot use the stream's media panel)."
+            f"{gr.__version__}); serve your own Blocks with `stream.ui = blocks` instead."
         )
+
+
+def gradio_major() -> int:
+    import gradio as gr
+
+    return int(gr.__version__.split(".")[0])
 OUTPUT_MIN_INTERVAL_S = 0.1  # additional outputs reach the page at most ~10 times a second
 
 
@@ -454,25 +459,34 @@ def build_blocks(backend: PageBackend) -> DefaultUI:
     if callable(stream.rtc_configuration):
         server_functions.append(_rtc_configuration_fn(stream))
 
-    with gr.Blocks(title=title, analytics_enabled=False) as blocks:
+    g6 = gradio_major() >= 6
+    page_kwargs = {} if g6 else {"css": PANEL_CSS + HEADER_CSS, "head": _bridge_head(stream)}
+    with gr.Blocks(title=title, analytics_enabled=False, **page_kwargs) as blocks:
         header = _title_html(stream)
         if header is not None:
-            gr.HTML(value="", html_template=header, css_template=HEADER_CSS, js_on_load=None,
-                    apply_default_css=False, elem_id="batchrtc-header")
+            if g6:
+                gr.HTML(value="", html_template=header, css_template=HEADER_CSS, js_on_load=None,
+                        apply_default_css=False, elem_id="batchrtc-header")
+            else:
+                gr.HTML(value=header, elem_id="batchrtc-header")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3 if has_side else 1):
-                panel = gr.HTML(
-                    value="",
-                    html_template=_panel_html(stream),
-                    css_template=PANEL_CSS,
-                    js_on_load=PANEL_JS,
-                    apply_default_css=False,
-                    padding=True,
-                    container=True,
-                    elem_id="batchrtc-panel",
-                    server_functions=server_functions,
-                    rtc=_client_config(stream),
-                )
+                if g6:
+                    panel = gr.HTML(
+                        value="",
+                        html_template=_panel_html(stream),
+                        css_template=PANEL_CSS,
+                        js_on_load=PANEL_JS,
+                        apply_default_css=False,
+                        padding=True,
+                        container=True,
+                        elem_id="batchrtc-panel",
+                        server_functions=server_functions,
+                        rtc=_client_config(stream),
+                    )
+                else:
+                    panel = gr.HTML(value=_panel_html(stream), padding=True, container=True,
+                                    elem_id="batchrtc-panel")
             inputs: list[Any] = []
             outputs: list[Any] = []
             if has_side:
@@ -509,13 +523,25 @@ def build_blocks(backend: PageBackend) -> DefaultUI:
             if owned(event_id(evt), request):
                 push(event_id(evt), list(values))
 
+        async def push_inputs_requested_g5(event: str, request: gr.Request, *values: Any) -> None:
+            wid = _bridge_id(event)
+            if owned(wid, request):
+                push(wid, list(values))
+
         def pack(first: Any, rest: list[Any]) -> Any:
             # Gradio: one output takes the value itself; several take a tuple.
             return first if not rest else (first, *rest)
 
         async def run_session(evt, request: gr.Request, *values: Any) -> Any:
+            async for out in session_updates(event_id(evt), request, *values):
+                yield out
+
+        async def run_session_g5(event: str, request: gr.Request, *values: Any) -> Any:
+            async for out in session_updates(_bridge_id(event), request, *values):
+                yield out
+
+        async def session_updates(webrtc_id: str, request: Any, *values: Any) -> Any:
             """From connect to the end of the connection: inputs once, then the outputs."""
-            webrtc_id = event_id(evt)
             skip = [gr.update() for _ in outputs]
             if not owned(webrtc_id, request):
                 return
@@ -586,14 +612,24 @@ def build_blocks(backend: PageBackend) -> DefaultUI:
         # Gradio injects EventData by annotation; set it explicitly (lazy gradio import).
         for fn in (push_inputs_requested, run_session):
             fn.__annotations__["evt"] = gr.EventData
-        for fn in (push_inputs, push_inputs_requested, run_session):
+        for fn in (push_inputs, push_inputs_requested, run_session, push_inputs_requested_g5, run_session_g5):
             fn.__annotations__["request"] = gr.Request
 
-        common = dict(show_progress="hidden", api_visibility="private", concurrency_limit=None)
-        panel.play(run_session, inputs=[*inputs, *outputs], outputs=[webrtc_box, *outputs],
-                   trigger_mode="multiple", **common)
+        private = {"api_visibility": "private"} if g6 else {"show_api": False, "api_name": False}
+        common = dict(show_progress="hidden", concurrency_limit=None, **private)
+        if g6:
+            panel.play(run_session, inputs=[*inputs, *outputs], outputs=[webrtc_box, *outputs],
+                       trigger_mode="multiple", **common)
+            if inputs:
+                panel.submit(push_inputs_requested, inputs=inputs, outputs=None, trigger_mode="multiple", **common)
+        else:
+            bridge = _bridge(gr, server_functions, common)
+            bridge["play"].change(run_session_g5, inputs=[bridge["play"], *inputs, *outputs],
+                                  outputs=[webrtc_box, *outputs], trigger_mode="multiple", **common)
+            if inputs:
+                bridge["submit"].change(push_inputs_requested_g5, inputs=[bridge["submit"], *inputs], outputs=None,
+                                        trigger_mode="multiple", **common)
         if inputs:
-            panel.submit(push_inputs_requested, inputs=inputs, outputs=None, trigger_mode="multiple", **common)
             on_submit = args.get("send_input_on") == "submit"  # FastRTC's ui_args option
             for original, comp in zip(stream.additional_inputs, inputs):
                 if not isinstance(original, gr.components.Component):
@@ -602,6 +638,60 @@ def build_blocks(backend: PageBackend) -> DefaultUI:
                 listener(push_inputs, inputs=[webrtc_box, *inputs], outputs=None,
                          trigger_mode="always_last", **common)
     return DefaultUI(blocks, webrtc_box)
+
+
+# -- the Gradio 5 line: the panel's script in the page's <head>, Python through textboxes ----
+
+BRIDGE_JS = _static("bridge.js")
+
+
+def _bridge_head(stream: StreamConfig) -> str:
+    """The panel's script, started by `bridge.js` once Gradio has rendered the panel."""
+    # `</` cannot end the <script> early; the JSON text is otherwise JavaScript.
+    cfg = json.dumps(_client_config(stream)).replace("</", "<\\/")
+    panel = json.dumps(PANEL_JS).replace("</", "<\\/")
+    return f"<script>\n(function (CFG, PANEL) {{\n{BRIDGE_JS}\n}})({cfg}, {panel});\n</script>"
+
+
+def _bridge_id(event: Any) -> str:
+    """The `webrtc_id` in an event the page's script wrote (`{"n": .., "data": {...}}`)."""
+    try:
+        data = json.loads(event).get("data") if isinstance(event, str) and event else None
+    except (ValueError, AttributeError):
+        return ""
+    wid = data.get("webrtc_id") if isinstance(data, dict) else None
+    return wid if isinstance(wid, str) else ""
+
+
+def _bridge(gr: Any, server_functions: list[Any], common: dict[str, Any]) -> dict[str, Any]:
+    """Hidden textboxes (rendered, so the script can write them): `call` -> `result` runs a
+    server function (`{"id", "fn", "data"}` -> `{"id", "result"}` or `{"id", "error"}`);
+    `play` and `submit` carry the panel's two events."""
+    boxes = {name: gr.Textbox(value="", visible="hidden", elem_id=f"batchrtc-{name}", label=name)
+             for name in ("call", "result", "play", "submit")}
+    by_name = {fn.__name__: fn for fn in server_functions}
+
+    async def call(raw: str, request: gr.Request) -> str:
+        try:
+            msg = json.loads(raw)
+            fn = by_name[msg["fn"]]
+        except (ValueError, KeyError, TypeError):
+            return json.dumps({"id": None, "error": "bad call"})
+        try:
+            if "request" in inspect.signature(fn).parameters:
+                result = await fn(msg.get("data"), request)
+            else:
+                result = fn(msg.get("data"))
+                if inspect.isawaitable(result):
+                    result = await result
+        except Exception as e:  # the page shows it; the session (if any) carries on
+            logger.exception("/ui server function %s raised", msg.get("fn"))
+            return json.dumps({"id": msg.get("id"), "error": f"{type(e).__name__}: {e}"})
+        return json.dumps({"id": msg.get("id"), "result": result})
+
+    call.__annotations__["request"] = gr.Request
+    boxes["call"].change(call, inputs=[boxes["call"]], outputs=[boxes["result"]], trigger_mode="multiple", **common)
+    return boxes
 
 
 def _rtc_configuration_fn(stream: StreamConfig) -> Any:
