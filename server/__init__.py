@@ -97,3 +97,16 @@ __all__ = [
     "get_twilio_turn_credentials",
     "wait_for_item",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # FastRTC's custom Svelte `WebRTC` Gradio component is not ported: say what to use instead.
+    if name == "WebRTC":
+        raise ImportError(
+            "batchrtc has no `WebRTC` Gradio component (FastRTC's custom Svelte component is "
+            "not ported). Build the page from the stream instead: `stream = Stream(handler, "
+            "...)`, then extend it with `with stream.ui as demo: ...` (or serve your own "
+            "Blocks with `stream.ui = my_blocks`); `stream.webrtc_component` gives the page's "
+            "webrtc_id as an event input. /ui serves it."
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

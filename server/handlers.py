@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
-from .utils import AdditionalOutputs, CloseStream, create_message
+from .utils import AdditionalOutputs, CloseStream, call_on_loop, create_message
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,12 @@ class StreamHandlerBase(ABC):
     # -- additional inputs -----------------------------------------------------------------
     def set_args(self, args: list[Any]) -> None:
         self.latest_args = list(args)
-        self.args_set.set()
+        # `stream.set_input` may come from any thread (a sync route runs on a worker thread):
+        # the event is set on the connection's loop, where a turn may be waiting on it.
+        if self._loop is not None:
+            call_on_loop(self._loop, self.args_set.set)
+        else:
+            self.args_set.set()
 
     def reset(self) -> None:
         self.args_set.clear()

@@ -55,6 +55,27 @@ class UnknownConnection(HTTPException, LookupError):
         self.webrtc_id = webrtc_id
 
 
+class HandlerView(Mapping[str, Any]):
+    """FastRTC's `Stream.handlers`: each active connection's handler (its own `copy()`, or the
+    shared per-frame callable) by `webrtc_id`, read-only and live. Only this worker's
+    sessions: with an engine process, a session another worker holds is not in it."""
+
+    def __init__(self, registry: SessionRegistry) -> None:
+        self._registry = registry
+
+    def __getitem__(self, webrtc_id: str) -> Any:
+        session = self._registry.get(webrtc_id)
+        if session is None:
+            raise KeyError(webrtc_id)
+        return session.handler
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._registry))
+
+    def __len__(self) -> int:
+        return len(self._registry)
+
+
 class SessionRegistry(Mapping[str, "Session"]):
     """Active sessions by id (a read-only mapping), plus the ones still tearing down.
 

@@ -35,8 +35,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["AlgoOptions", "ModelOptions", "ReplyOnPause", "SileroVadOptions", "speech_seconds"]
 
 LAYOUTS = ("mono", "stereo")
-# How long a turn waits for `set_input` values after asking for them (`send_input`) when the
-# handler needs additional inputs and the stream has no default values to use instead.
+# How long a turn waits for `set_input` values after asking for them (`send_input`); FastRTC
+# waits forever, which leaves a session whose client never answers stuck without a word.
 ARGS_TIMEOUT_S = 10.0
 # Outside a turn, audio that never reaches this int16 peak (-66 dBFS: digital silence, a muted
 # microphone; a quiet room's noise floor is louder) skips the VAD (see `_silent`).
@@ -123,9 +123,10 @@ class ReplyOnPause(AsyncStreamHandler):
     (the VAD then runs on the mix of both channels). `model`: a FastRTC
     `PauseDetectionModel` run per connection per chunk instead of the shared batched VAD.
     `needs_args=True` (or an `fn` with more than one parameter): `fn` gets the connection's
-    additional inputs; before the first `set_input`, the stream's default values, or where
-    there are none, the values the client sends when asked with `send_input` (a turn waits
-    up to `ARGS_TIMEOUT_S` for them).
+    additional inputs, as in FastRTC: each turn asks the client for them (`send_input`) and
+    waits until values arrive (`set_input`) unless some arrived since the previous turn; a
+    turn gives up with an error after `ARGS_TIMEOUT_S`. A phone call has no client to ask:
+    it gets the stream's default values. `trigger_response()` replies now, without a pause.
     """
 
     def __init__(
@@ -376,6 +377,9 @@ class ReplyOnPause(AsyncStreamHandler):
             # when its generator already finished (the phone client gets Twilio's `clear`).
             self._drain()
             self.clear_queue()
+        self._reply_task(sr, utterance)
+
+    def _reply_task(self, sr: int, utterance: np.ndarray) -> None:
         self.replies_started += 1
         self._reply = asyncio.create_task(self._turn(self.fn, (sr, utterance)))
 
@@ -387,21 +391,17 @@ class ReplyOnPause(AsyncStreamHandler):
         """The additional inputs `fn` gets this turn (FastRTC: none unless it needs them)."""
         if not self._needs_additional_inputs:
             return []
-        if self.latest_args:  # set_input values arrived
-            return self.latest_args[1:]
-        if self.default_args or self.phone_mode:
-            # The stream's default values are what a client would answer `send_input` with
-            # (the UI pushes every change with set_input); a phone call has no inputs at all.
-            return list(self.default_args)
-        # Nothing to go on: ask the client, as FastRTC does, and wait (bounded) for set_input.
-        self.args_set.clear()
+        if self.phone_mode:  # nobody to ask (FastRTC passes none at all)
+            return list(self.latest_args[1:] if self.latest_args else self.default_args)
+        # FastRTC's wait_for_args: ask every turn, wait unless values came since the last one.
         await self.fetch_args()
         try:
             await asyncio.wait_for(self.args_set.wait(), ARGS_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise TimeoutError(
                 f"the reply function needs additional inputs and none arrived within "
-                f"{ARGS_TIMEOUT_S:g} s of send_input: call stream.set_input(webrtc_id, ...)"
+                f"{ARGS_TIMEOUT_S:g} s of send_input: the client answers send_input through "
+                "a route that calls stream.set_input(webrtc_id, ...)"
             ) from None
         return self.latest_args[1:]
 
@@ -412,6 +412,31 @@ class ReplyOnPause(AsyncStreamHandler):
             self._handler_error(e)
             return
         await self._run(fn, *first, *inputs)
+        self.reset()  # as FastRTC after a reply: the next turn asks for fresh values
+
+    def trigger_response(self) -> None:
+        """Reply now, as if the user had just paused (FastRTC's): `fn` gets the audio of the
+        turn under way, or an empty `(1, 0)` array outside one. Ignored while a reply runs
+        (FastRTC keeps the running one). Safe from any thread, e.g. a Gradio event or a route
+        (`stream.handlers[webrtc_id].trigger_response()`)."""
+        if self._loop is None:
+            raise RuntimeError("trigger_response: this handler is not attached to a connection "
+                               "(use stream.handlers[webrtc_id], the connection's own copy)")
+        call_on_loop(self._loop, self._trigger)
+
+    def _trigger(self) -> None:
+        if self._shut_down or self.responding:
+            return
+        st = self._state
+        sr = st.sample_rate or self.input_sample_rate
+        channels = 2 if self.expected_layout == "stereo" else 1
+        parts = [*st.utterance, *st.buffer] if st.started_talking else []
+        utterance = (np.concatenate(parts, axis=-1).reshape(channels, -1) if parts
+                     else np.zeros((channels, 0), dtype=np.int16))
+        # A fresh turn state (FastRTC: `state.new()`); the VAD stream's own state carries on.
+        self._state = _TurnState(sample_rate=st.sample_rate)
+        self.send_message_sync(create_message("log", "pause_detected"))
+        self._reply_task(sr, utterance)
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> None:
         try:

@@ -29,7 +29,7 @@ from .engines import EngineRegistry
 from .frontends import telephone, webrtc, websocket
 from .handler_pool import HandlerPool
 from .handlers import DataChannel, GeneratorSource, StreamHandlerBase, VideoStreamHandler
-from .registry import SessionRegistry, UnknownConnection
+from .registry import HandlerView, SessionRegistry, UnknownConnection
 from .reply_on_pause import ReplyOnPause
 from .session import Session
 from .ui import UI_PATH, LazyGradioUI, PageBackend
@@ -110,6 +110,8 @@ class Stream(FastAPI):
                 middleware=self.user_middleware,
             )
         )
+        self.ui_app.launch_lifespan = self._lifespan  # `stream.ui.launch()` runs the stream too
+        self._handlers = HandlerView(self.registry)
         self.rtc_router = self._build_router()
         self.include_router(self.rtc_router)
         # `Stream.mount` is FastRTC's (app, path) signature: mount through the router instead.
@@ -176,6 +178,32 @@ class Stream(FastAPI):
     @property
     def default_args(self) -> list[Any]:
         return self.config.default_args
+
+    # -- the Gradio UI (FastRTC's `stream.ui`) --------------------------------------------
+    @property
+    def ui(self) -> Any:
+        """The `gradio.Blocks` that `/ui` serves: the generated page, built on first access
+        (a second or two; `/ui` builds it on a worker thread, off the event loop). Extend it
+        with `with stream.ui as demo: ...`, replace it with `stream.ui = blocks`, or serve it
+        on its own with `stream.ui.launch()` (the stream's engines and sessions run there)."""
+        return self.ui_app.blocks
+
+    @ui.setter
+    def ui(self, blocks: Any) -> None:
+        self.ui_app.blocks = blocks
+
+    @property
+    def webrtc_component(self) -> Any:
+        """FastRTC's `WebRTC` component in the generated page; here the (hidden) component
+        whose value is the page's `webrtc_id`: as an event input it gives the connection's
+        id, and `.handlers` maps ids to handlers (builds the page if it was not yet)."""
+        return self.ui_app.default_ui().webrtc_component
+
+    @property
+    def handlers(self) -> HandlerView:
+        """Each active connection's handler by `webrtc_id` (FastRTC's `Stream.handlers`),
+        e.g. `stream.handlers[webrtc_id].trigger_response()`."""
+        return self._handlers
 
     # -- routes ------------------------------------------------------------------------------
     def _build_router(self) -> APIRouter:

@@ -206,7 +206,12 @@ async def test_slow_reader_is_bounded_and_hurts_nobody(serve):
         await settle(lambda: "slow" in stream.sessions)
         stream.set_input("slow", "slow")
         slow.transport.pause_reading()  # stop reading from the socket altogether
-        normal = asyncio.create_task(stream_audio(f"{server.ws}/websocket/offer", "normal", pcm, 48000, tail_s=2.5))
+        def answer(msg: dict) -> None:  # FastRTC's clients answer send_input
+            if msg.get("type") == "send_input":
+                stream.set_input("normal", "normal")
+
+        normal = asyncio.create_task(stream_audio(f"{server.ws}/websocket/offer", "normal", pcm, 48000,
+                                                  tail_s=2.5, on_message=answer))
         for i, p in enumerate(payloads):  # the slow client still sends its speech in real time
             await slow.send(p)
             await asyncio.sleep(0.1)

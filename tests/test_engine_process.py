@@ -94,6 +94,7 @@ class Client:
 
     def __init__(self, url: str, sid: str) -> None:
         self.url, self.sid = url, sid
+        self.tag = "untagged"  # what it answers `send_input` with (a turn waits for it)
         self.messages: list[dict] = []
         self.media = 0
         self.refusal: dict | None = None
@@ -114,8 +115,15 @@ class Client:
                     self.refusal = msg["meta"]
                 else:
                     self.messages.append(msg)
+                    if msg.get("type") == "send_input":  # as FastRTC's clients: set the inputs
+                        asyncio.create_task(self._answer())
         except websockets.ConnectionClosed:
             pass
+
+    async def _answer(self) -> None:
+        base = self.url.replace("ws://", "http://").split("/websocket/")[0]
+        async with httpx.AsyncClient(timeout=10) as http:
+            await http.post(f"{base}/tag/{self.sid}", params={"value": self.tag})
 
     async def speak(self, pcm: np.ndarray) -> None:
         t0 = time.monotonic()
@@ -183,6 +191,7 @@ async def test_sessions_on_two_workers_meet_in_one_batch(server):
 
 async def test_requests_for_a_session_work_on_either_worker(server):
     c = await Client(server.ws, "fw-1").open()
+    c.tag = "blue"
     await asyncio.sleep(0.3)
     owner, other = await asyncio.to_thread(owner_of, server, "fw-1")
 

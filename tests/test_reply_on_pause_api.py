@@ -145,8 +145,8 @@ def _input_stream(fn, **kw) -> Stream:
 
 @pytest.mark.parametrize("how", ["needs_args", "two_parameters"])
 async def test_handler_that_needs_inputs_asks_for_them_and_gets_them(serve, how):
-    """No additional_inputs on the stream (no defaults): at the first pause the server asks
-    with `send_input`, waits until the client's `set_input` arrives, then calls fn with it."""
+    """At each pause the server asks with `send_input` (FastRTC's), waits until the client's
+    `set_input` arrives, then calls fn with it."""
     seen: list[tuple] = []
 
     if how == "needs_args":
@@ -176,7 +176,7 @@ async def test_handler_that_needs_inputs_asks_for_them_and_gets_them(serve, how)
         pcm = speech_48k(FIXTURE)
         rec = await stream_audio(f"{server.ws}/websocket/offer", "args", pcm, 48000, tail_s=2.5,
                                  on_message=on_message)
-    assert len(asked) == 1  # asked once: later turns use the values that arrived
+    assert len(asked) == 2  # asked every turn, as FastRTC does
     assert seen == [(0.7,), (0.7,)], seen
     assert len(rec.replies()) == 2
     assert not [m for m in rec.messages if m.get("type") == "error"]

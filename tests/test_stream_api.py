@@ -212,6 +212,12 @@ async def test_set_input_output_stream_and_additional_outputs(serve):
 
         pcm = speech_48k("speech_pause_speech_16k.wav")
         sse_lines: list[str] = []
+        gain = {"now": 0.25}  # what the client shows: the component's default at first
+
+        async def answer(msg: dict) -> None:  # FastRTC's clients answer send_input
+            if msg.get("type") == "send_input":
+                r = await client.post(f"{server.http}/input_hook", json={"webrtc_id": "io", "gain": gain["now"]})
+                assert r.status_code == 200
 
         async def read_sse():
             await asyncio.sleep(0.5)  # the session exists by then
@@ -223,15 +229,17 @@ async def test_set_input_output_stream_and_additional_outputs(serve):
 
         async def set_gain_later():
             await asyncio.sleep(4.0)  # after the first reply, before the second utterance ends
+            gain["now"] = 2.0
             r = await client.post(f"{server.http}/input_hook", json={"webrtc_id": "io", "gain": 2.0})
             assert r.status_code == 200
 
         sse = asyncio.create_task(read_sse())
         rec, _ = await asyncio.gather(
-            stream_audio(f"{server.ws}/websocket/offer", "io", pcm, 48000, tail_s=2.5), set_gain_later()
+            stream_audio(f"{server.ws}/websocket/offer", "io", pcm, 48000, tail_s=2.5, on_message=answer),
+            set_gain_later(),
         )
         await asyncio.wait_for(sse, 5)
-    # Before any set_input the handler got the component's default; after, the new value.
+    # Each turn got what the client answered: the default at first, then the new value.
     assert [g for _, g in seen] == [0.25, 2.0], seen
     assert all(shape[0] == 1 for shape, _ in seen)
     fetch = [m for m in rec.messages if m.get("type") == "fetch_output"]
@@ -253,14 +261,15 @@ async def test_raising_handler_only_hurts_its_own_session(serve):
     server = serve(stream)
     pcm = speech_48k("speech_pause_speech_16k.wav")
 
-    async def bad_client():
-        await asyncio.sleep(0.3)
-        stream.set_input("bad", "bad")
+    def answer_as(who: str):
+        def answer(msg: dict) -> None:  # each client answers send_input with its name
+            if msg.get("type") == "send_input":
+                stream.set_input(who, who)  # from this (the client's) thread
+        return answer
 
-    good, bad, _ = await asyncio.gather(
-        stream_audio(f"{server.ws}/websocket/offer", "good", pcm, 48000, tail_s=2.5),
-        stream_audio(f"{server.ws}/websocket/offer", "bad", pcm, 48000, tail_s=2.5),
-        bad_client(),
+    good, bad = await asyncio.gather(
+        stream_audio(f"{server.ws}/websocket/offer", "good", pcm, 48000, tail_s=2.5, on_message=answer_as("good")),
+        stream_audio(f"{server.ws}/websocket/offer", "bad", pcm, 48000, tail_s=2.5, on_message=answer_as("bad")),
     )
     errors = [m for m in bad.messages if m.get("type") == "error"]
     assert errors and "boom from handler" in errors[0]["message"]

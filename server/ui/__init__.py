@@ -1,10 +1,12 @@
 """The Gradio `/ui`: an auto-generated page for any stream.
 
 `LazyGradioUI(backend)` is a tiny ASGI app for `/ui`. Nothing Gradio is imported or built
-until the first request under `/ui`: then the Blocks are built (in a worker thread, so live
-connections on the event loop keep flowing), mounted with `gr.mount_gradio_app`, and
-Gradio's own lifespan (its queue) is started; every later request goes straight to the
-Gradio app, exactly as if it had been mounted eagerly.
+until `Stream.ui` is read or the first request under `/ui` comes: then the Blocks are built
+(for a request, in a worker thread, so live connections on the event loop keep flowing),
+mounted with `gr.mount_gradio_app`, and Gradio's own lifespan (its queue) is started; every
+later request goes straight to the Gradio app, exactly as if it had been mounted eagerly.
+`Stream.ui = blocks` makes the next request mount those Blocks instead (FastRTC's
+`stream.ui` setter); `blocks.launch()` is wrapped so its own server runs the stream too.
 
 The page's media never goes through Gradio: a small WebRTC client (`static/panel.js`, inside
 a `gr.HTML` panel) makes its offer through its own Gradio session (a server function), which
@@ -44,6 +46,31 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 UI_PATH = "/ui"
+# On Gradio 6 the page's panel is a `gr.HTML` with its own script and server functions
+# (`html_template`, `js_on_load`, `server_functions`); on the 5 line (FastRTC's) the same
+# script runs from the page's <head>, talking to Python through hidden textboxes (`_bridge`).
+PAGE_MIN_GRADIO = 5
+
+
+class UIUnavailable(RuntimeError):
+    """The generated page cannot be built with the installed Gradio."""
+
+
+def check_gradio_for_page() -> None:
+    import gradio as gr
+
+    major = int(gr.__version__.split(".")[0])
+    if major < PAGE_MIN_GRADIO:
+        raise UIUnavailable(
+            f"batchrtc's generated /ui page needs gradio>={PAGE_MIN_GRADIO} (installed: "
+            f"{gr.__version__}); serve your own Blocks with `stream.ui = blocks` instead."
+        )
+
+
+def gradio_major() -> int:
+    import gradio as gr
+
+    return int(gr.__version__.split(".")[0])
 OUTPUT_MIN_INTERVAL_S = 0.1  # additional outputs reach the page at most ~10 times a second
 
 
@@ -72,71 +99,132 @@ class PageBackend:
 
 
 class LazyGradioUI:
-    """ASGI app at `/ui`: builds the Gradio app on first use, then delegates to it."""
+    """ASGI app at `/ui`: serves `blocks` (the default page, built on first use, or what the
+    user set with `Stream.ui = ...`), mounting it on the first request after it changed."""
 
     def __init__(self, backend: PageBackend) -> None:
         self.backend = backend
-        self.blocks: Any = None
+        self.default: DefaultUI | None = None  # the generated page, once built
+        self._user_blocks: Any = None  # `stream.ui = blocks`
         self.gradio_app: Any = None
+        self._mounted: Any = None  # the Blocks `gradio_app` serves
         self.build_seconds: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
         self._lock_loop: asyncio.AbstractEventLoop | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._build_lock = threading.Lock()
+        # Runs around `blocks.launch()`'s server (the stream's lifespan: engines, sessions).
+        self.launch_lifespan: Callable[[Any], contextlib.AbstractAsyncContextManager[Any]] | None = None
 
+    # -- the Blocks ------------------------------------------------------------------------
+    def default_ui(self) -> DefaultUI:
+        """The generated page, built now if it was not yet (blocking: a second or two)."""
+        with self._build_lock:
+            if self.default is None:
+                check_gradio_for_page()
+                t0 = time.perf_counter()
+                self.default = build_blocks(self.backend)
+                self.build_seconds = time.perf_counter() - t0
+                self._wrap_launch(self.default.blocks)
+                logger.info("built the Gradio /ui in %.2f s", self.build_seconds)
+            return self.default
+
+    @property
+    def blocks(self) -> Any:
+        """What `/ui` serves: the user's Blocks if set, else the default page (built now)."""
+        user = self._user_blocks
+        return user if user is not None else self.default_ui().blocks
+
+    @blocks.setter
+    def blocks(self, blocks: Any) -> None:
+        import gradio as gr
+
+        if not isinstance(blocks, gr.Blocks):
+            raise TypeError(f"Stream.ui must be a gradio.Blocks, got {type(blocks).__name__}")
+        self._wrap_launch(blocks)
+        self._user_blocks = blocks  # the next request under /ui mounts it
+
+    def _wrap_launch(self, blocks: Any) -> None:
+        """`blocks.launch()` serves the page on its own Gradio server: the stream's lifespan
+        (engines, sessions) must run there too (FastRTC wraps `launch` the same way)."""
+        launch = blocks.launch
+        if getattr(launch, "_batchrtc", False):
+            return
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            app_kwargs = dict(kwargs.get("app_kwargs") or {})
+            outer = app_kwargs.get("lifespan")
+            ours = self.launch_lifespan
+
+            @contextlib.asynccontextmanager
+            async def lifespan(app: Any) -> Any:
+                async with contextlib.AsyncExitStack() as stack:
+                    state = await stack.enter_async_context(outer(app)) if outer is not None else None
+                    if ours is not None:
+                        await stack.enter_async_context(ours(app))
+                    yield state
+
+            app_kwargs["lifespan"] = lifespan
+            kwargs["app_kwargs"] = app_kwargs
+            return launch(*args, **kwargs)
+
+        wrapped._batchrtc = True  # type: ignore[attr-defined]
+        blocks.launch = wrapped
+
+    # -- ASGI ------------------------------------------------------------------------------
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket"):
             return
-        app = await self._ensure_started()
+        try:
+            app = await self._ensure_started()
+        except UIUnavailable as e:
+            if scope["type"] == "http":
+                await send({"type": "http.response.start", "status": 501,
+                            "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+                await send({"type": "http.response.body", "body": str(e).encode()})
+            return
         await app(scope, receive, send)
+
+    def _current(self, loop: asyncio.AbstractEventLoop) -> bool:
+        want = self._user_blocks if self._user_blocks is not None else (self.default and self.default.blocks)
+        return self.gradio_app is not None and self._loop is loop and self._mounted is want
 
     async def _ensure_started(self) -> Any:
         loop = asyncio.get_running_loop()
-        if self.gradio_app is not None and self._loop is loop:
+        if self._current(loop):
             return self.gradio_app
         if self._lock_loop is not loop:  # no await above: no other request interleaves here
             self._lock, self._lock_loop = asyncio.Lock(), loop
         assert self._lock is not None
         async with self._lock:
-            if self.gradio_app is not None and self._loop is loop:
+            if self._current(loop):
                 return self.gradio_app
-            # First request, or the stream is served again on a new event loop: (re)build.
+            # First request, new Blocks, or the stream served again on a new event loop.
+            await self.aclose()
             self._stack = None  # a stack from a dead loop cannot be exited: drop it
-            t0 = time.perf_counter()
-            holder, gradio_app, blocks = await loop.run_in_executor(None, self._build, loop)
+            # Built and mounted in a worker thread: live connections on this loop keep flowing.
+            holder, gradio_app, blocks = await loop.run_in_executor(None, self._mount)
             stack = contextlib.AsyncExitStack()
             # Gradio's lifespan: starts its queue on this loop (what mount_gradio_app's
             # wrapped lifespan does at startup; the stream's own startup ran long ago).
             await stack.enter_async_context(holder.router.lifespan_context(holder))
             self._stack = stack
-            self.gradio_app, self.blocks, self._loop = gradio_app, blocks, loop
-            self.build_seconds = time.perf_counter() - t0
-            logger.info("built the Gradio /ui in %.2f s", self.build_seconds)
+            self.gradio_app, self._mounted, self._loop = gradio_app, blocks, loop
             return self.gradio_app
 
-    def _build(self, loop: asyncio.AbstractEventLoop) -> tuple[Any, Any, Any]:
-        with self._build_lock:
-            import gradio as gr
-            from fastapi import FastAPI
-            from starlette.routing import Mount
+    def _mount(self) -> tuple[Any, Any, Any]:
+        import gradio as gr
+        from fastapi import FastAPI
+        from starlette.routing import Mount
 
-            blocks = build_blocks(self.backend, loop)
-            holder = FastAPI()
-            # Gradio checks its parent's middleware for a CORS policy: show it the stream's.
-            holder.user_middleware = self.backend.middleware
-            gr.mount_gradio_app(
-                holder,
-                blocks,
-                path=UI_PATH,
-                ssr_mode=False,
-                mcp_server=False,
-                run_history=False,
-                footer_links=["gradio", "settings"],
-                theme=gr.themes.Default(),
-            )
-            mounted = [r for r in holder.routes if isinstance(r, Mount) and r.path == UI_PATH]
-            return holder, mounted[-1].app, blocks
+        blocks = self.blocks
+        holder = FastAPI()
+        # Gradio checks its parent's middleware for a CORS policy: show it the stream's.
+        holder.user_middleware = self.backend.middleware
+        gr.mount_gradio_app(holder, blocks, path=UI_PATH, **_mount_options(gr))
+        mounted = [r for r in holder.routes if isinstance(r, Mount) and r.path == UI_PATH]
+        return holder, mounted[-1].app, blocks
 
     async def aclose(self) -> None:
         stack, self._stack = self._stack, None
@@ -145,6 +233,19 @@ class LazyGradioUI:
                 await stack.aclose()
             except Exception:  # shutting down anyway
                 logger.debug("closing the Gradio /ui failed", exc_info=True)
+
+
+def _mount_options(gr: Any) -> dict[str, Any]:
+    """`mount_gradio_app` options this Gradio version knows (the 5 line lacks some)."""
+    wanted = {
+        "ssr_mode": False,
+        "mcp_server": False,
+        "run_history": False,
+        "footer_links": ["gradio", "settings"],
+        "theme": gr.themes.Default(),
+    }
+    params = inspect.signature(gr.mount_gradio_app).parameters
+    return {k: v for k, v in wanted.items() if k in params}
 
 
 # -- the page ------------------------------------------------------------------------------
@@ -247,13 +348,17 @@ def _title_html(stream: StreamConfig) -> str | None:
 HEADER_CSS = _static("header.css")
 
 
-def _component(gr: Any, obj: Any, index: int, kind: str) -> Any:
+def _component(gr: Any, obj: Any, index: int, kind: str, rendered: dict[int, Any]) -> Any:
     """A Gradio component for an additional input/output; placeholders for anything else
-    (FastRTC allows plain objects with `.value`, e.g. in tests)."""
+    (FastRTC allows plain objects with `.value`, e.g. in tests). A component that is both an
+    input and an output (a transcript fed back in) is rendered once and serves as both."""
     if isinstance(obj, gr.components.Component):
+        if id(obj) in rendered:
+            return rendered[id(obj)]
         if kind == "output" and getattr(obj, "interactive", False) is None:
             obj.interactive = False  # shown, not edited (it is also an input of the updates)
-        return obj.render()
+        rendered[id(obj)] = obj.render()
+        return rendered[id(obj)]
     if kind == "input":
         return gr.State(value=getattr(obj, "value", None))
     return gr.Textbox(value="", label=f"output {index}", interactive=False)
@@ -325,11 +430,21 @@ def _page_functions(backend: PageBackend, owners: dict[str, str], gr: Any) -> li
     return [ui_offer, ui_candidate, ui_stop]
 
 
-def build_blocks(backend: PageBackend, loop: asyncio.AbstractEventLoop | None = None) -> Any:
-    """Build the Gradio Blocks of `/ui` (called on the first request to `/ui`)."""
+@dataclass(frozen=True)
+class DefaultUI:
+    """The generated page: its Blocks, and the hidden textbox holding the page's
+    `webrtc_id` (`Stream.webrtc_component`: as FastRTC's `WebRTC` component, an event input
+    that gives the connection's id, with `.handlers`)."""
+
+    blocks: Any
+    webrtc_component: Any
+
+
+def build_blocks(backend: PageBackend) -> DefaultUI:
+    """Build the Gradio Blocks of `/ui` (on first use of `Stream.ui` or of `/ui`)."""
     import gradio as gr
 
-    from ..registry import UnknownConnection
+    from ..registry import HandlerView, UnknownConnection
 
     stream, registry = backend.config, backend.registry
 
@@ -342,34 +457,45 @@ def build_blocks(backend: PageBackend, loop: asyncio.AbstractEventLoop | None = 
     owners: dict[str, str] = {}  # webrtc_id -> the Gradio session (page) that made it
     server_functions = _page_functions(backend, owners, gr)
     if callable(stream.rtc_configuration):
-        server_functions.append(_rtc_configuration_fn(stream, loop))
+        server_functions.append(_rtc_configuration_fn(stream))
 
-    with gr.Blocks(title=title, analytics_enabled=False) as blocks:
+    g6 = gradio_major() >= 6
+    page_kwargs = {} if g6 else {"css": PANEL_CSS + HEADER_CSS, "head": _bridge_head(stream)}
+    with gr.Blocks(title=title, analytics_enabled=False, **page_kwargs) as blocks:
         header = _title_html(stream)
         if header is not None:
-            gr.HTML(value="", html_template=header, css_template=HEADER_CSS, js_on_load=None,
-                    apply_default_css=False, elem_id="batchrtc-header")
+            if g6:
+                gr.HTML(value="", html_template=header, css_template=HEADER_CSS, js_on_load=None,
+                        apply_default_css=False, elem_id="batchrtc-header")
+            else:
+                gr.HTML(value=header, elem_id="batchrtc-header")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3 if has_side else 1):
-                panel = gr.HTML(
-                    value="",
-                    html_template=_panel_html(stream),
-                    css_template=PANEL_CSS,
-                    js_on_load=PANEL_JS,
-                    apply_default_css=False,
-                    padding=True,
-                    container=True,
-                    elem_id="batchrtc-panel",
-                    server_functions=server_functions,
-                    rtc=_client_config(stream),
-                )
+                if g6:
+                    panel = gr.HTML(
+                        value="",
+                        html_template=_panel_html(stream),
+                        css_template=PANEL_CSS,
+                        js_on_load=PANEL_JS,
+                        apply_default_css=False,
+                        padding=True,
+                        container=True,
+                        elem_id="batchrtc-panel",
+                        server_functions=server_functions,
+                        rtc=_client_config(stream),
+                    )
+                else:
+                    panel = gr.HTML(value=_panel_html(stream), padding=True, container=True,
+                                    elem_id="batchrtc-panel")
             inputs: list[Any] = []
             outputs: list[Any] = []
             if has_side:
                 with gr.Column(scale=2):
-                    inputs = [_component(gr, c, i, "input") for i, c in enumerate(stream.additional_inputs)]
-                    outputs = [_component(gr, c, i, "output") for i, c in enumerate(stream.additional_outputs)]
+                    rendered: dict[int, Any] = {}
+                    inputs = [_component(gr, c, i, "input", rendered) for i, c in enumerate(stream.additional_inputs)]
+                    outputs = [_component(gr, c, i, "output", rendered) for i, c in enumerate(stream.additional_outputs)]
         webrtc_box = gr.Textbox(value="", visible="hidden", label="webrtc_id", elem_id="batchrtc-webrtc-id")
+        webrtc_box.handlers = HandlerView(registry)  # FastRTC: `stream.webrtc_component.handlers[id]`
 
         def event_id(evt: Any) -> str:
             data = getattr(evt, "_data", None)
@@ -397,13 +523,25 @@ def build_blocks(backend: PageBackend, loop: asyncio.AbstractEventLoop | None = 
             if owned(event_id(evt), request):
                 push(event_id(evt), list(values))
 
+        async def push_inputs_requested_g5(event: str, request: gr.Request, *values: Any) -> None:
+            wid = _bridge_id(event)
+            if owned(wid, request):
+                push(wid, list(values))
+
         def pack(first: Any, rest: list[Any]) -> Any:
             # Gradio: one output takes the value itself; several take a tuple.
             return first if not rest else (first, *rest)
 
         async def run_session(evt, request: gr.Request, *values: Any) -> Any:
+            async for out in session_updates(event_id(evt), request, *values):
+                yield out
+
+        async def run_session_g5(event: str, request: gr.Request, *values: Any) -> Any:
+            async for out in session_updates(_bridge_id(event), request, *values):
+                yield out
+
+        async def session_updates(webrtc_id: str, request: Any, *values: Any) -> Any:
             """From connect to the end of the connection: inputs once, then the outputs."""
-            webrtc_id = event_id(evt)
             skip = [gr.update() for _ in outputs]
             if not owned(webrtc_id, request):
                 return
@@ -474,39 +612,103 @@ def build_blocks(backend: PageBackend, loop: asyncio.AbstractEventLoop | None = 
         # Gradio injects EventData by annotation; set it explicitly (lazy gradio import).
         for fn in (push_inputs_requested, run_session):
             fn.__annotations__["evt"] = gr.EventData
-        for fn in (push_inputs, push_inputs_requested, run_session):
+        for fn in (push_inputs, push_inputs_requested, run_session, push_inputs_requested_g5, run_session_g5):
             fn.__annotations__["request"] = gr.Request
 
-        common = dict(show_progress="hidden", api_visibility="private", concurrency_limit=None)
-        panel.play(run_session, inputs=[*inputs, *outputs], outputs=[webrtc_box, *outputs],
-                   trigger_mode="multiple", **common)
+        private = {"api_visibility": "private"} if g6 else {"show_api": False, "api_name": False}
+        common = dict(show_progress="hidden", concurrency_limit=None, **private)
+        if g6:
+            panel.play(run_session, inputs=[*inputs, *outputs], outputs=[webrtc_box, *outputs],
+                       trigger_mode="multiple", **common)
+            if inputs:
+                panel.submit(push_inputs_requested, inputs=inputs, outputs=None, trigger_mode="multiple", **common)
+        else:
+            bridge = _bridge(gr, server_functions, common)
+            bridge["play"].change(run_session_g5, inputs=[bridge["play"], *inputs, *outputs],
+                                  outputs=[webrtc_box, *outputs], trigger_mode="multiple", **common)
+            if inputs:
+                bridge["submit"].change(push_inputs_requested_g5, inputs=[bridge["submit"], *inputs], outputs=None,
+                                        trigger_mode="multiple", **common)
         if inputs:
-            panel.submit(push_inputs_requested, inputs=inputs, outputs=None, trigger_mode="multiple", **common)
             on_submit = args.get("send_input_on") == "submit"  # FastRTC's ui_args option
-            for comp in inputs:
-                if isinstance(comp, gr.State):
-                    continue
+            for original, comp in zip(stream.additional_inputs, inputs):
+                if not isinstance(original, gr.components.Component):
+                    continue  # a placeholder: nothing on the page changes it
                 listener = comp.submit if on_submit and hasattr(comp, "submit") else comp.change
                 listener(push_inputs, inputs=[webrtc_box, *inputs], outputs=None,
                          trigger_mode="always_last", **common)
-    return blocks
+    return DefaultUI(blocks, webrtc_box)
 
 
-def _rtc_configuration_fn(stream: StreamConfig, loop: asyncio.AbstractEventLoop | None) -> Any:
+# -- the Gradio 5 line: the panel's script in the page's <head>, Python through textboxes ----
+
+BRIDGE_JS = _static("bridge.js")
+
+
+def _bridge_head(stream: StreamConfig) -> str:
+    """The panel's script, started by `bridge.js` once Gradio has rendered the panel."""
+    # `</` cannot end the <script> early; the JSON text is otherwise JavaScript.
+    cfg = json.dumps(_client_config(stream)).replace("</", "<\\/")
+    panel = json.dumps(PANEL_JS).replace("</", "<\\/")
+    return f"<script>\n(function (CFG, PANEL) {{\n{BRIDGE_JS}\n}})({cfg}, {panel});\n</script>"
+
+
+def _bridge_id(event: Any) -> str:
+    """The `webrtc_id` in an event the page's script wrote (`{"n": .., "data": {...}}`)."""
+    try:
+        data = json.loads(event).get("data") if isinstance(event, str) and event else None
+    except (ValueError, AttributeError):
+        return ""
+    wid = data.get("webrtc_id") if isinstance(data, dict) else None
+    return wid if isinstance(wid, str) else ""
+
+
+def _bridge(gr: Any, server_functions: list[Any], common: dict[str, Any]) -> dict[str, Any]:
+    """Hidden textboxes (rendered, so the script can write them): `call` -> `result` runs a
+    server function (`{"id", "fn", "data"}` -> `{"id", "result"}` or `{"id", "error"}`);
+    `play` and `submit` carry the panel's two events."""
+    boxes = {name: gr.Textbox(value="", visible="hidden", elem_id=f"batchrtc-{name}", label=name)
+             for name in ("call", "result", "play", "submit")}
+    by_name = {fn.__name__: fn for fn in server_functions}
+
+    async def call(raw: str, request: gr.Request) -> str:
+        try:
+            msg = json.loads(raw)
+            fn = by_name[msg["fn"]]
+        except (ValueError, KeyError, TypeError):
+            return json.dumps({"id": None, "error": "bad call"})
+        try:
+            if "request" in inspect.signature(fn).parameters:
+                result = await fn(msg.get("data"), request)
+            else:
+                result = fn(msg.get("data"))
+                if inspect.isawaitable(result):
+                    result = await result
+        except Exception as e:  # the page shows it; the session (if any) carries on
+            logger.exception("/ui server function %s raised", msg.get("fn"))
+            return json.dumps({"id": msg.get("id"), "error": f"{type(e).__name__}: {e}"})
+        return json.dumps({"id": msg.get("id"), "result": result})
+
+    call.__annotations__["request"] = gr.Request
+    boxes["call"].change(call, inputs=[boxes["call"]], outputs=[boxes["result"]], trigger_mode="multiple", **common)
+    return boxes
+
+
+def _rtc_configuration_fn(stream: StreamConfig) -> Any:
     """`rtc_configuration` given as a callable (FastRTC allows sync or async, no arguments):
-    called for each connection from the page through a Gradio server function."""
+    called for each connection from the page through a Gradio server function (async: Gradio
+    awaits it on the server's loop; a sync one runs on a worker thread)."""
 
-    def rtc_configuration(_data: Any = None) -> Any:
+    async def rtc_configuration(_data: Any = None) -> Any:
         fn = stream.rtc_configuration
-        result = fn() if callable(fn) else fn
+        if inspect.iscoroutinefunction(fn):
+            result = await fn()
+        elif callable(fn):
+            result = await asyncio.get_running_loop().run_in_executor(None, fn)
+        else:
+            result = fn
         if inspect.isawaitable(result):
-            if loop is None:
-                raise RuntimeError("no event loop for an async rtc_configuration")
-            result = asyncio.run_coroutine_threadsafe(_await(result), loop).result(30)
+            result = await result
         return json.loads(json.dumps(result)) if result is not None else None
 
     return rtc_configuration
-
-
-async def _await(aw: Any) -> Any:
-    return await aw

@@ -21,6 +21,7 @@ from ...executors import media_executor
 from ...frames import FrameConverter
 from ...handlers import AsyncAudioVideoStreamHandler, AudioVideoStreamHandler, DataChannel, StreamHandlerBase
 from ...limits import MAX_CHANNEL_MESSAGE_BURST, MAX_CHANNEL_MESSAGE_BYTES, MAX_CHANNEL_MESSAGES_PER_S, NO_MEDIA_TIMEOUT_S
+from ...reply_on_pause import ReplyOnPause
 from ...session import Session
 from ...utils import TokenBucket, call_on_loop, create_message, parse_json_message
 from .tracks import AudioOutputTrack, AVVideoOutputTrack, GeneratedVideoTrack, TrackAudioSink
@@ -91,7 +92,8 @@ class WebRTCConnection:
         @pc.on("datachannel")
         def on_datachannel(ch: Any) -> None:
             channel.attach(ch)
-            if config.additional_inputs:
+            # Ask for the inputs' values at once; ReplyOnPause asks itself at each turn (as FastRTC).
+            if config.additional_inputs and not isinstance(handler, ReplyOnPause):
                 channel.send(create_message("send_input", []))
 
             @ch.on("message")
