@@ -1,6 +1,7 @@
 """FastRTC-compatible API: `from server import Stream, ReplyOnPause, ...` replaces
 `from fastrtc import ...`."""
 
+from .config import UIArgs
 from .handlers import (
     AsyncAudioVideoStreamHandler,
     AsyncStreamHandler,
@@ -71,6 +72,7 @@ __all__ = [
     "StreamHandler",
     "TTSModel",
     "TurnCredentialsError",
+    "UIArgs",
     "UnknownConnection",
     "VideoEmitType",
     "VideoStreamHandler",

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 from urllib.parse import urlsplit
 
 Modality = Literal["video", "audio", "audio-video"]
@@ -149,6 +149,23 @@ def uvicorn_deflate_left_on(argv: list[str] | None = None,
         elif arg.startswith("--ws-per-message-deflate="):
             value = arg.split("=", 1)[1]
     return value is None or value.strip().lower() not in ("false", "0", "no", "off", "f", "n")
+
+
+class UIArgs(TypedDict, total=False):
+    """FastRTC's `Stream(ui_args=...)` keys. The generated `/ui` uses `title`, `subtitle`,
+    `icon`, `hide_title` and `send_input_on`; `icon_button_color`, `pulse_color`,
+    `icon_radius` and `full_screen` style FastRTC's own WebRTC component and are accepted
+    and ignored here."""
+
+    title: str
+    subtitle: str
+    icon: str
+    icon_button_color: str
+    pulse_color: str
+    icon_radius: int
+    send_input_on: Literal["submit", "change"]
+    hide_title: bool
+    full_screen: bool
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, FastAPI
 
 from . import docs, metrics
-from .config import Modality, Mode, StreamConfig, load_settings, uvicorn_deflate_left_on
+from .config import Modality, Mode, StreamConfig, UIArgs, load_settings, uvicorn_deflate_left_on
 from .engine.client import private_dir
 from .engine.ui_host import UIProxy, UISocketServer
 from .engines import EngineRegistry
@@ -58,7 +58,7 @@ class Stream(FastAPI):
         track_constraints: dict[str, Any] | None = None,
         additional_inputs: list[Any] | None = None,
         additional_outputs: list[Any] | None = None,
-        ui_args: dict[str, Any] | None = None,
+        ui_args: UIArgs | dict[str, Any] | None = None,
         verbose: bool = True,
         handler_timeout: float | None = 30.0,
         **fastapi_kwargs: Any,
