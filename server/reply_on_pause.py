@@ -7,8 +7,9 @@ Semantics follow FastRTC 0.0.34: the VAD measures the seconds of speech in a str
 measures consecutive `audio_chunk_duration` chunks (`AlgoOptions(pause_window="tumbling")`);
 by default the stretch is a window sliding over the last 0.8 s (see `AlgoOptions`). Unlike
 FastRTC, the VAD state carries across chunks (one stream per connection, v5+ model from the
-installed wheel) and all sessions share one batched model call. With `model=` (FastRTC's `PauseDetectionModel`), that model measures each chunk
-instead, one call per connection per chunk on a worker thread, as in FastRTC.
+installed wheel) and all sessions share one batched model call. With `model=` (FastRTC's
+`PauseDetectionModel`), that model measures each chunk instead, one call per connection per
+chunk on a worker thread, as in FastRTC.
 """
 
 from __future__ import annotations

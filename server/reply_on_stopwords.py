@@ -5,9 +5,10 @@ batched VAD; the last `STOPWORD_WINDOW_S` seconds are transcribed by the STT mod
 session's handler threads (never on the event loop) and searched for a stop word, when speech
 has just ended and every `STT_STRIDE_S` during speech. (FastRTC transcribes its 2 s window
 every chunk, 0.6 s; PocketSphinx needs ~0.7 s of CPU per second of audio, so that would not
-keep up. Windows 1.2 s apart overlap by 0.8 s: a stop word up to 0.8 s long is whole in one.) Once one is heard the client gets FastRTC's `{"type": "stopword"}`
-message and `ReplyOnPause`'s machinery takes over: the speech after the stop word, up to the
-next pause, is the utterance `fn` receives. After that pause a stop word is needed again.
+keep up. Windows 1.2 s apart overlap by 0.8 s: a stop word up to 0.8 s long is whole in one.)
+Once one is heard the client gets FastRTC's `{"type": "stopword"}` message and
+`ReplyOnPause`'s machinery takes over: the speech after the stop word, up to the next pause,
+is the utterance `fn` receives. After that pause a stop word is needed again.
 """
 
 from __future__ import annotations
