@@ -4,7 +4,6 @@ against a real server with real speech."""
 
 from __future__ import annotations
 
-import asyncio
 import html
 import json
 import re
@@ -16,6 +15,7 @@ from fastapi import FastAPI
 from server import ReplyOnPause, Stream, docs
 from tests.audio_fixtures import FIXTURES_DIR
 from tests.test_websocket_reply import best_match, echo
+from tests.waiting import wait_for
 
 SPANS = json.loads((FIXTURES_DIR / "speech_spans.json").read_text())
 SPEECH = "speech_pause_speech_16k.wav"
@@ -172,11 +172,7 @@ async def test_telephone_example_call_is_answered(serve):
     speech = sum(e - s for s, e in SPANS[SPEECH])
     assert result["rate"] == 8000
     assert speech < len(result["reply"]) / 8000 < speech + 4 * 0.6 + 0.5
-    for _ in range(50):  # the server side ends the call just after the socket closes
-        if stream.active_sessions == 0:
-            break
-        await asyncio.sleep(0.05)
-    assert stream.active_sessions == 0
+    await wait_for(lambda: stream.active_sessions == 0, 2.5)  # the server side ends the call just after the socket closes
 
 
 async def test_webrtc_example_audio_round_trip(serve):

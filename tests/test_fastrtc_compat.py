@@ -27,6 +27,7 @@ from server import (
     VideoStreamHandler,
 )
 from server.video import batched
+from tests.waiting import wait_for
 from tests.webrtc_client import AudioSource, FrameSource, connect
 
 
@@ -216,14 +217,6 @@ def test_tags_are_correctly_mounted():
 # -- the rest of the API surface ----------------------------------------------------------------
 def grey(i: int) -> np.ndarray:
     return np.full((120, 160, 3), 100, np.uint8)
-
-
-async def wait_for(cond, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
 
 
 async def test_video_stream_handler_works_as_in_fastrtc(serve):

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from server import ReplyOnPause, Stream
 from tests.test_websocket_reply import echo
+from tests.waiting import wait_for
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40)
 json_values = st.recursive(
@@ -100,11 +101,7 @@ async def test_fuzz_websocket_messages_never_kill_the_server(serve):
 
     for i in range(0, len(examples), 6):
         await asyncio.gather(*(run(seq) for seq in examples[i : i + 6]))
-    for _ in range(50):
-        if stream.active_sessions == 0:
-            break
-        await asyncio.sleep(0.1)
-    assert stream.active_sessions == 0
+    await wait_for(lambda: stream.active_sessions == 0, 5)
     # and the server still serves a real session
     async with websockets.connect(url) as ws:
         await ws.send(json.dumps({"event": "start", "websocket_id": "after-fuzz"}))

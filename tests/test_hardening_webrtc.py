@@ -16,6 +16,7 @@ import torch
 
 from server import AdditionalOutputs, Stream
 from server.video import batched
+from tests.waiting import wait_for
 from tests.webrtc_client import FrameSource, connect
 
 H, W = 120, 160
@@ -31,14 +32,6 @@ def invert(frame: np.ndarray) -> np.ndarray:
 
 def errors(client) -> list[str]:
     return [m["message"] for m in client.messages if m.get("type") == "error"]
-
-
-async def wait_for(cond, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.parametrize("sdp", ["hello", "v=0", "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n", "v=0\x00\x00"])

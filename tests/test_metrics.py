@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import inspect
 import json
 import logging
 import threading
-import time
 import types
 
 import httpx
 import numpy as np
-import pytest
 import torch
 import websockets
 from prometheus_client import generate_latest
@@ -25,6 +22,7 @@ from server.metrics import gpu as gpu_module
 from server.codecs import ulaw_encode
 from server.vad_engine import get_vad_engine
 from server.video import BatchedHandler, batched
+from tests.waiting import wait_for
 from tests.webrtc_client import FrameSource, connect
 from tests.ws_client import stream_audio
 
@@ -65,19 +63,6 @@ async def scrape(base: str) -> tuple[Samples, set[str]]:
 
 def scrape_local(stream: Stream) -> tuple[Samples, set[str]]:
     return parse(generate_latest(stream.metrics_registry).decode())
-
-
-async def wait_for(cond, timeout: float = 15.0, every: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        res = cond()
-        if inspect.isawaitable(res):
-            res = await res
-        if res:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(every)
 
 
 def noise_48k(seconds: float, seed: int = 0) -> np.ndarray:

@@ -12,6 +12,7 @@ from scipy.signal import resample_poly
 from server import ReplyOnStopWords, Stream, get_silero_model, get_stt_model
 from server.reply_on_stopwords import STOPWORD_WINDOW_S
 from tests.audio_fixtures import load_wav, speech_spans
+from tests.waiting import wait_for
 from tests.webrtc_client import AudioSource, connect
 from tests.ws_client import stream_audio
 
@@ -161,8 +162,4 @@ async def test_stop_word_over_webrtc(serve):
         assert loud and loud[0] > e_q, loud[:1]  # the echo, only after the question
     finally:
         await client.close()
-    for _ in range(100):
-        if stream.active_sessions == 0:
-            break
-        await asyncio.sleep(0.1)
-    assert stream.active_sessions == 0
+    await wait_for(lambda: stream.active_sessions == 0, 10)

@@ -24,6 +24,7 @@ from server.frontends import telephone
 from server.codecs import ulaw_decode, ulaw_encode
 from tests.audio_fixtures import load_wav, speech_spans
 from tests.test_websocket_reply import best_match, echo
+from tests.waiting import wait_for
 
 RATE = 8000
 FRAME = 160  # 20 ms at 8 kHz
@@ -137,14 +138,6 @@ async def phone_call(url: str, sid: str, pcm: np.ndarray, *, tail_s: float = 2.0
 
 async def recv_json(ws, timeout: float = 5.0) -> dict:
     return json.loads(await asyncio.wait_for(ws.recv(), timeout))
-
-
-async def wait_for(cond, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 def dominant_hz(pcm: np.ndarray) -> float:

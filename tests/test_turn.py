@@ -47,6 +47,7 @@ from server import (
 )
 from server.ice_servers import aiortc_configuration
 from tests.turn_server import REALM, TurnServer, run_turnserver
+from tests.waiting import wait_for
 from tests.webrtc_client import AudioSource, connect
 
 CF_KEY_ID, CF_TOKEN = "0123456789abcdef0123456789abcdef", "cf-api-token-secret"
@@ -512,11 +513,7 @@ async def test_a_webrtc_session_connects_through_coturn_with_relay_candidates_on
             assert re.search(rf"user <\d+:{who}>: incoming packet CHANNEL_BIND processed, success", log), who
     finally:
         await client.close()
-    for _ in range(100):
-        if stream.active_sessions == 0:
-            break
-        await asyncio.sleep(0.1)
-    assert stream.active_sessions == 0
+    await wait_for(lambda: stream.active_sessions == 0, 10)
     # Both allocations are deleted on close, and coturn logs what each relayed to its peer:
     # the audio both ways went through it (50 packets a second).
     relayed: dict[str, int] = {}

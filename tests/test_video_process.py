@@ -18,6 +18,7 @@ from server.detection import _detect
 from server.video import BatchedHandler, batched
 from tests.test_detection_app import ASTRONAUT, FACE, green_fraction
 from tests.test_metrics import scrape, val
+from tests.waiting import wait_for
 from tests.webrtc_client import FrameSource, connect
 
 H, W = 120, 160
@@ -54,14 +55,6 @@ def outputs(client) -> list:
 
 def errors(client) -> list[str]:
     return [m["message"] for m in client.messages if m.get("type") == "error"]
-
-
-async def wait_for(cond, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
 
 
 def _stream() -> Stream:

@@ -9,6 +9,7 @@ import numpy as np
 
 from server import ReplyOnPause, Stream
 from tests.test_websocket_reply import echo, speech_48k
+from tests.waiting import wait_for
 from tests.webrtc_client import AudioSource, connect
 
 SPANS = json.loads(open("tests/fixtures/speech_spans.json").read())
@@ -40,11 +41,7 @@ async def test_reply_on_pause_over_webrtc(serve):
         assert total > 0.6 * speech, (total, speech)
     finally:
         await client.close()
-    for _ in range(100):
-        if stream.active_sessions == 0:
-            break
-        await asyncio.sleep(0.1)
-    assert stream.active_sessions == 0
+    await wait_for(lambda: stream.active_sessions == 0, 10)
 
 
 async def test_an_idle_session_sends_no_audio_until_there_is_a_reply(serve):

@@ -11,6 +11,7 @@ import torch
 
 from server import AdditionalOutputs, Stream
 from server.video import batched
+from tests.waiting import wait_for
 from tests.webrtc_client import FrameSource, connect
 
 H, W = 240, 320
@@ -25,14 +26,6 @@ def gradient(i: int) -> np.ndarray:
 
 def invert(frame: np.ndarray) -> np.ndarray:
     return 255 - frame
-
-
-async def wait_for(cond, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
 
 
 async def test_plain_video_handler_round_trip(serve):
