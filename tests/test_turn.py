@@ -34,7 +34,6 @@ import server.turn as turn
 from benchmarks.harness import ServerThread
 from server import (
     Stream,
-    StreamHandler,
     TurnCredentialsError,
     get_cloudflare_turn_credentials,
     get_cloudflare_turn_credentials_async,
@@ -46,6 +45,7 @@ from server import (
     get_twilio_turn_credentials,
 )
 from server.ice_servers import aiortc_configuration
+from tests.test_fastrtc_compat import Echo  # sends back every audio frame it receives
 from tests.turn_server import REALM, TurnServer, run_turnserver
 from tests.waiting import wait_for
 from tests.webrtc_client import AudioSource, connect
@@ -407,23 +407,6 @@ async def test_the_ui_page_gets_fresh_credentials_from_a_helper(api, serve):
 
 
 # -- a real coturn ----------------------------------------------------------------------------------
-
-class Echo(StreamHandler):
-    """Sends back every audio frame it receives."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.frames: list = []
-
-    def receive(self, frame) -> None:
-        self.frames.append(frame)
-
-    def emit(self):
-        return self.frames.pop(0) if self.frames else None
-
-    def copy(self) -> Echo:
-        return Echo()
-
 
 def tone(seconds: float = 6.0) -> np.ndarray:
     t = np.arange(int(48000 * seconds)) / 48000
