@@ -173,20 +173,25 @@ class ReplyOnPause(AsyncStreamHandler):
         self.replies_started = 0
         self._shut_down = False
 
-    def copy(self) -> ReplyOnPause:
-        clone = ReplyOnPause(
-            self.fn,
-            self.startup_fn,
-            self.algo_options,
-            self._model_options,
-            self.can_interrupt,
-            self.expected_layout,
-            self.output_sample_rate,
-            None,
-            self.input_sample_rate,
-            self.model,
-            self.needs_args,
+    def _init_kwargs(self) -> dict[str, Any]:
+        """The constructor arguments each connection's copy is made with (subclasses add
+        theirs)."""
+        return dict(
+            fn=self.fn,
+            startup_fn=self.startup_fn,
+            algo_options=self.algo_options,
+            model_options=self._model_options,
+            can_interrupt=self.can_interrupt,
+            expected_layout=self.expected_layout,
+            output_sample_rate=self.output_sample_rate,
+            output_frame_size=None,
+            input_sample_rate=self.input_sample_rate,
+            model=self.model,
+            needs_args=self.needs_args,
         )
+
+    def copy(self) -> ReplyOnPause:
+        clone = ReplyOnPause(**self._init_kwargs())
         clone.default_args = list(self.default_args)
         return clone
 

@@ -98,22 +98,12 @@ class ReplyOnStopWords(ReplyOnPause):
         self._untranscribed = False  # speech in the window the STT has not seen yet
         self._since_stt = 0  # samples since that speech began or was last transcribed
 
+    def _init_kwargs(self) -> dict[str, Any]:
+        return {**super()._init_kwargs(), "stop_words": self.stop_words,
+                "stt_model": self.stt_model}
+
     def copy(self) -> ReplyOnStopWords:
-        clone = ReplyOnStopWords(
-            self.fn,
-            self.stop_words,
-            self.startup_fn,
-            self.algo_options,
-            self._model_options,
-            self.can_interrupt,
-            self.expected_layout,
-            self.output_sample_rate,
-            None,
-            self.input_sample_rate,
-            self.model,
-            self.needs_args,
-            self.stt_model,
-        )
+        clone = ReplyOnStopWords(**self._init_kwargs())
         clone.default_args = list(self.default_args)
         return clone
 
