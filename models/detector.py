@@ -351,8 +351,8 @@ class _Pyramid:
         self._dev: dict[torch.device, tuple[tuple[Tensor, Tensor], Tensor, Tensor]] = {}
 
     def tables(self, device: torch.device) -> tuple[tuple[Tensor, Tensor], Tensor, Tensor]:
-        """(``(corners [4, N], scale [N])`` for ``_Integral.pyramid``, window boxes
-        ``[P, 4]``, scale index ``[P]``), cached per device."""
+        """(``(corners [4, N], scale [N])`` for ``_Integral.pyramid`` (scale: 1 / (128 * bin
+        area), PNet's input), window boxes ``[P, 4]``, scale index ``[P]``), cached per device."""
         if device not in self._dev:
             wp = self.w + 1
             chan = torch.arange(3)
@@ -369,7 +369,8 @@ class _Pyramid:
                 corners.append(torch.stack([flat(ye, xe), flat(ye, xs), flat(ys, xe),
                                             flat(ys, xs)]))
                 area = ((ye - ys)[:, None] * (xe - xs)[None, :]).to(torch.float32)
-                scale.append((1.0 / area)[:, :, None].expand(sh, sw, 3).reshape(-1))
+                # 1/128: PNet's input scaling (`_PNetMaps` takes x / 128, its offset folded in).
+                scale.append((0.0078125 / area)[:, :, None].expand(sh, sw, 3).reshape(-1))
             boxes, index = [], []
             for k, ((oh, ow), s) in enumerate(zip(self.out_sizes, self.scales)):
                 yy, xx = torch.meshgrid(torch.arange(oh), torch.arange(ow), indexing="ij")
@@ -497,7 +498,7 @@ class FaceDetector:
         (corners, scale), _, _ = pyr.tables(self.device)
         integral = _Integral(frames)
         maps = [self._pnet_maps_net(level).reshape(b, -1, 5)
-                for level in integral.pyramid(corners, scale, pyr.sizes, normalise=False)]
+                for level in integral.pyramid(corners, scale, pyr.sizes)]
         out = torch.cat(maps, dim=1) if len(maps) > 1 else maps[0]
         return integral, torch.sigmoid(out[..., 0]), out[..., 1:]
 

@@ -93,23 +93,22 @@ class _Integral:
         torch.cumsum(frames, 1, dtype=dtype, out=inner)
         torch.cumsum(inner, 2, out=inner)
 
-    def pyramid(self, corners: Tensor, scale: Tensor, shapes: Sequence[tuple[int, int]], *,
-                normalise: bool = True) -> list[Tensor]:
-        """Every frame area-resized to every pyramid level, normalised for the nets.
+    def pyramid(self, corners: Tensor, scale: Tensor, shapes: Sequence[tuple[int, int]]
+                ) -> list[Tensor]:
+        """Every frame area-resized to every pyramid level, times a constant.
 
         ``corners [4, N]`` are the flat table offsets (within one frame) of each output
-        value's bin corners, all levels concatenated; ``scale [N]`` is ``1 / bin area``.
-        Equal to ``interpolate(frames, size, mode="area")`` per level (the bins of
+        value's bin corners, all levels concatenated; ``scale [N]`` is ``c / bin area``.
+        Equal to ``c * interpolate(frames, size, mode="area")`` per level (the bins of
         ``adaptive_avg_pool2d``) with exact integer sums, in one gather for the whole pyramid.
-        -> ``[B, 3, h, w]`` per level (channels-last views). With ``normalise=False`` the
-        values are only divided by 128 (for a net whose first layer adds the offset).
+        -> ``[B, 3, h, w]`` per level (channels-last views).
         """
         b = self.table.shape[0]
         n = corners.shape[1]
         v = torch.gather(self.table.view(b, -1), 1, corners.view(1, -1).expand(b, -1))
         v = v.view(b, 4, n)
         sums = (v[:, 0] - v[:, 1] - v[:, 2] + v[:, 3]).to(torch.float32)
-        flat = _normalise(sums * scale) if normalise else sums * (scale * 0.0078125)
+        flat = sums * scale
         out, o = [], 0
         for h, w in shapes:
             out.append(flat[:, o:o + h * w * 3].view(b, h, w, 3).permute(0, 3, 1, 2))
