@@ -514,7 +514,7 @@ print(min(faults[3:]))
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc only")
 def test_keep_freed_memory_stops_refaulting_large_blocks() -> None:
     """A CPU batch loop settles at no page faults once the heap keeps freed blocks; with
-    glibc's defaults (BATCHRTC_KEEP_HEAP=0) every batch of 8 faults ~17,000 pages in again."""
+    glibc's defaults (BATCHRTC_KEEP_HEAP=0) every batch of 8 faults thousands of pages in."""
     import os
     import subprocess
     import sys
@@ -528,5 +528,7 @@ def test_keep_freed_memory_stops_refaulting_large_blocks() -> None:
                              timeout=120).stdout.split()
         results[keep] = (out[0], int(out[1]))
     assert results["1"][0] == "True" and results["0"][0] == "False"
-    assert results["0"][1] > 5_000, results  # the control: glibc refaults every batch
-    assert results["1"][1] < 500, results
+    # The control: glibc refaults every batch (15,000 pages alone, as few as ~4,500 in the
+    # full suite: its dynamic mmap threshold depends on what the process allocated before).
+    assert results["0"][1] > 1_000, results
+    assert results["1"][1] < 100, results
