@@ -102,10 +102,16 @@ class _Log:
 
 
 def options(mode: str) -> AlgoOptions:
-    """"tumbling", "sliding" (the defaults) or "sliding@SECONDS" (another window length)."""
-    if mode.startswith("sliding@"):
-        return AlgoOptions(pause_window="sliding", sliding_window_s=float(mode.split("@")[1]))
-    return AlgoOptions(pause_window=mode)  # type: ignore[arg-type]
+    """"tumbling", "sliding" (the defaults), "sliding@SECONDS" (another window length);
+    "-wait" after a sliding mode: no early decision (the pause is found when the window
+    that holds it has been heard)."""
+    base, wait = (mode[:-5], True) if mode.endswith("-wait") else (mode, False)
+    if base.startswith("sliding@"):
+        return AlgoOptions(pause_window="sliding", sliding_window_s=float(base.split("@")[1]),
+                           decide_early=not wait)
+    if wait and base != "sliding":
+        raise ValueError(f"-wait applies to sliding modes only: {mode!r}")
+    return AlgoOptions(pause_window=base, decide_early=not wait)  # type: ignore[arg-type]
 
 
 async def pauses(audio: np.ndarray, mode: str, frame_ms: int) -> list[float]:
@@ -161,7 +167,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frame-ms", type=int, default=20)
     ap.add_argument("--modes", default="sliding,tumbling",
-                    help="comma-separated: sliding, tumbling, sliding@SECONDS (window length)")
+                    help="comma-separated: sliding, tumbling, sliding@SECONDS (window length); "
+                         "-wait after a sliding mode: without the early decision")
     ap.add_argument("--out", default="benchmarks/results/bench_pauses.md")
     args = ap.parse_args()
     command = "python -m benchmarks.bench_pauses " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from benchmarks.bench_pauses import RATE, fixture, pauses, score
+from server.pause_detection import SileroVadOptions
 from server.reply_on_pause import AlgoOptions, ReplyOnPause
 from tests.audio_fixtures import SPEECH_FIXTURES
 
@@ -18,10 +19,40 @@ async def test_sliding_finds_each_turn_within_a_bounded_delay(name: str) -> None
     sliding = score(rec, await pauses(rec.audio, "sliding", 20))
     assert sliding["false"] == 0 and sliding["missed"] == 0, sliding
     assert len(sliding["delays"]) == len(rec.turns)
-    # A 0.8 s window, rechecked every 100 ms (96 ms in 20 ms frames): the pause is found
-    # 0.5-1.0 s after the speech, wherever the speech ends (tumbling's delay depends on where
-    # its chunks fall: up to 1.2 s here).
-    assert all(0.5 < d < 1.0 for d in sliding["delays"]), sliding
+    # A 0.8 s window, rechecked every 96 ms and decided 224 ms before it is complete: the
+    # pause is found 0.5-0.8 s after the speech, wherever the speech ends (tumbling's delay
+    # depends on where its chunks fall: up to 1.2 s here).
+    assert all(0.5 < d < 0.8 for d in sliding["delays"]), sliding
+
+
+def _turn_delays(rec, found: list[float]) -> list[float | None]:
+    """Per turn: end of its speech -> the first pause before the next turn (None: missed)."""
+    out: list[float | None] = []
+    for k, (_, end) in enumerate(rec.turns):
+        nxt = rec.turns[k + 1][0] if k + 1 < len(rec.turns) else float("inf")
+        after = [t for t in found if end <= t < nxt]
+        out.append(after[0] - end if after else None)
+    return out
+
+
+async def test_the_early_decision_finds_the_same_pauses_sooner() -> None:
+    # The verdict on a window whose last 224 ms are still to come is certain (a segment that
+    # starts there is too short to count), so the early decision must end each turn the
+    # waiting rule ends, sooner by up to that much; it must never cut where waiting would not.
+    lookahead = 7 * 512 / RATE
+    sooner = []
+    for name in SPEECH_FIXTURES:
+        rec = fixture(name)
+        early_found = await pauses(rec.audio, "sliding", 20)
+        wait_found = await pauses(rec.audio, "sliding-wait", 20)
+        early, wait = score(rec, early_found), score(rec, wait_found)
+        assert early["false"] <= wait["false"] and early["missed"] <= wait["missed"], (early, wait)
+        for e, w in zip(_turn_delays(rec, early_found), _turn_delays(rec, wait_found)):
+            assert e is not None, (name, early_found)
+            if w is not None:
+                assert w - lookahead - 0.1 <= e <= w, (name, e, w)
+                sooner.append(w - e)
+    assert sooner and np.median(sooner) > 0.15, sooner
 
 
 async def test_over_the_fixtures_sliding_is_never_later_than_tumblings_worst() -> None:
@@ -132,3 +163,30 @@ async def test_digital_silence_outside_a_turn_skips_the_vad(window: str) -> None
         await handler.receive((48000, loud))
     assert calls  # audio above the floor goes to the VAD again
     handler.shutdown()
+
+
+@pytest.mark.parametrize("opts", [SileroVadOptions(),
+                                  SileroVadOptions(min_silence_duration_ms=100, speech_pad_ms=30),
+                                  SileroVadOptions(min_speech_duration_ms=100, speech_pad_ms=0),
+                                  SileroVadOptions(max_speech_duration_s=1.5)])
+def test_a_certain_pause_holds_whatever_audio_comes_next(opts: SileroVadOptions) -> None:
+    # The early decision's claim, checked on random window probabilities: whenever it says
+    # the pause is certain, the rule holds on the window that ends `_lookahead()` windows
+    # later for every continuation tried (speech, silence, noise around the threshold).
+    handler = ReplyOnPause(lambda a: None, model_options=opts, input_sample_rate=RATE)
+    window = 25
+    ahead = handler._lookahead()
+    rng = np.random.default_rng(16)
+    certain = 0
+    for _ in range(4000):
+        # Runs of speech / silence / in-between, as real probabilities come.
+        levels = rng.choice([0.02, 0.4, 0.6, 0.97], size=window, p=[0.6, 0.2, 0.1, 0.1])
+        probs = np.repeat(levels, rng.integers(1, 8, size=window))[:window].astype(np.float32)
+        if not handler._certain_pause(probs, window):
+            continue
+        certain += 1
+        for tail in (np.ones(ahead), np.zeros(ahead), rng.uniform(0, 1, ahead),
+                     np.full(ahead, 0.45), np.r_[np.zeros(ahead - 1), 1.0]):
+            later = np.concatenate([probs[ahead:], tail.astype(np.float32)])
+            assert handler._holds_pause(later), (probs, tail)
+    assert certain > 50, certain
