@@ -120,6 +120,11 @@ class _TurnState:
     recent: deque[np.ndarray] = field(default_factory=deque)
     recent_len: int = 0
     silent_16k: float = 0.0  # skipped silent audio not yet a whole window (16 kHz samples)
+    # During a turn: hops whose check is skipped because no pause can come by then (see
+    # `_quiet_windows`); their audio waits in `held` and goes to the VAD with the next one.
+    skip_hops: int = 0
+    held: list[np.ndarray] = field(default_factory=list)
+    max_frame: int = 0  # samples in the largest frame so far (a hop ends on a frame boundary)
 
 
 class ReplyOnPause(AsyncStreamHandler):
@@ -227,6 +232,7 @@ class ReplyOnPause(AsyncStreamHandler):
         st = self._state  # after a reset: the first frame belongs to the new state
         st.buffer.append(audio)
         st.buffered += audio.shape[-1]
+        st.max_frame = max(st.max_frame, audio.shape[-1])
         algo = self.algo_options
         sliding = algo.pause_window == "sliding" and self.model is None
         if sliding:
@@ -237,8 +243,13 @@ class ReplyOnPause(AsyncStreamHandler):
             hop = algo.audio_chunk_duration
         if st.buffered < hop * sr:
             return
-        chunk = np.concatenate(st.buffer, axis=-1)
-        st.buffer, st.buffered = [], 0
+        if st.skip_hops > 0:  # no pause can be decided here: check at a later hop
+            st.skip_hops -= 1
+            st.held += st.buffer
+            st.buffer, st.buffered = [], 0
+            return
+        chunk = np.concatenate(st.held + st.buffer, axis=-1)
+        st.held, st.buffer, st.buffered = [], [], 0
         if sliding:
             await self._on_hop(sr, chunk)
         else:
@@ -342,6 +353,7 @@ class ReplyOnPause(AsyncStreamHandler):
             if speech_seconds(np.asarray(st.probs), self.model_options) <= algo.started_talking_threshold:
                 return
             st.started_talking = True
+            st.skip_hops = 0
             st.utterance, st.utterance_len = list(st.recent), st.recent_len
             st.recent.clear()
             st.recent_len = 0
@@ -351,8 +363,38 @@ class ReplyOnPause(AsyncStreamHandler):
             await self._pause(sr)
             return
         probs_now = np.asarray(st.probs)
-        if self._holds_pause(probs_now) or (algo.decide_early and self._certain_pause(probs_now, window)):
+        if self._decides_pause(probs_now, window):
             await self._pause(sr)
+            return
+        # Skip the checks at the hops that end before the quiet windows do (a hop's audio
+        # is at most `sliding_hop_s` plus one frame): the checks that remain are the same
+        # hops as without skipping, so the same pauses are found at the same times.
+        longest_hop = algo.sliding_hop_s + st.max_frame / sr
+        st.skip_hops = max(0, int(self._quiet_windows(probs_now) * WINDOW / VAD_RATE
+                                  // longest_hop) - 1)
+
+    def _decides_pause(self, probs: np.ndarray, window: int) -> bool:
+        return self._holds_pause(probs) or (
+            self.algo_options.decide_early and self._certain_pause(probs, window))
+
+    def _quiet_windows(self, probs: np.ndarray) -> int:
+        """Windows of audio still to come during which no pause can be decided, whatever
+        they hold: the rule's windows over them all still contain the latest stretch of
+        `_surely_speech` windows (and so does the early decision's, which drops its first
+        `_lookahead()` windows). Mid-speech that is ~9 windows (0.29 s): the check at the
+        next hop can be skipped, so the VAD gets an item and the rule runs half as often per
+        speaking session, and no pause comes later for it."""
+        opts = self.model_options
+        need = int(max(opts.min_speech_duration_ms / 1000, self.algo_options.speech_threshold)
+                   * VAD_RATE / WINDOW) + 2
+        above = probs >= opts.threshold
+        # End (exclusive) of the last run of `need` windows above the threshold.
+        run = np.convolve(above.view(np.int8), np.ones(need, dtype=np.int8), mode="valid")
+        full = np.flatnonzero(run == need)
+        if full.size == 0:
+            return 0
+        start = int(full[-1])  # the latest such stretch starts here
+        return max(0, start - (self._lookahead() if self.algo_options.decide_early else 0))
 
     def _holds_pause(self, probs: np.ndarray) -> bool:
         """FastRTC's rule on these windows: less than `speech_threshold` seconds of speech."""
@@ -468,7 +510,7 @@ class ReplyOnPause(AsyncStreamHandler):
         st = self._state
         sr = st.sample_rate or self.input_sample_rate
         channels = 2 if self.expected_layout == "stereo" else 1
-        parts = [*st.utterance, *st.buffer] if st.started_talking else []
+        parts = [*st.utterance, *st.held, *st.buffer] if st.started_talking else []
         utterance = (np.concatenate(parts, axis=-1).reshape(channels, -1) if parts
                      else np.zeros((channels, 0), dtype=np.int16))
         # A fresh turn state (FastRTC: `state.new()`); the VAD stream's own state carries on.

@@ -190,3 +190,67 @@ def test_a_certain_pause_holds_whatever_audio_comes_next(opts: SileroVadOptions)
             later = np.concatenate([probs[ahead:], tail.astype(np.float32)])
             assert handler._holds_pause(later), (probs, tail)
     assert certain > 50, certain
+
+
+@pytest.mark.parametrize("opts", [SileroVadOptions(),
+                                  SileroVadOptions(min_silence_duration_ms=100, speech_pad_ms=30),
+                                  SileroVadOptions(min_speech_duration_ms=100, speech_pad_ms=0),
+                                  SileroVadOptions(max_speech_duration_s=1.5)])
+@pytest.mark.parametrize("early", [True, False])
+def test_no_pause_comes_during_the_quiet_windows(opts: SileroVadOptions, early: bool) -> None:
+    # Mid-speech the rule is checked less often while `_quiet_windows` says no pause can be
+    # decided sooner: checked here at every point of the skipped stretch, for continuations
+    # of silence, speech and noise.
+    handler = ReplyOnPause(lambda a: None, model_options=opts, input_sample_rate=RATE,
+                           algo_options=AlgoOptions(decide_early=early))
+    window = 25
+    rng = np.random.default_rng(17)
+    quiet_total = 0
+    for _ in range(3000):
+        levels = rng.choice([0.02, 0.4, 0.6, 0.97], size=window, p=[0.3, 0.1, 0.2, 0.4])
+        probs = np.repeat(levels, rng.integers(1, 12, size=window))[:window].astype(np.float32)
+        quiet = handler._quiet_windows(probs)
+        quiet_total += quiet
+        if not quiet:
+            continue
+        for tail in (np.zeros(quiet), np.ones(quiet), rng.uniform(0, 1, quiet),
+                     np.full(quiet, 0.45), np.r_[np.zeros(quiet - 1), 1.0]):
+            for j in range(1, quiet + 1):
+                later = np.concatenate([probs, tail[:j].astype(np.float32)])[-window:]
+                assert not handler._decides_pause(later, window), (probs, tail, j)
+    assert quiet_total > 3000, quiet_total
+
+
+
+
+async def test_skipped_checks_move_no_pause_and_halve_the_vad_items_mid_speech() -> None:
+    # The same pauses at the same audio times with and without skipping the checks that
+    # cannot end a turn, and fewer hops sent to the VAD.
+    results = {}
+    for skipping in (True, False):
+        pauses_at, hops = [], 0
+        for name in SPEECH_FIXTURES:
+            rec = fixture(name)
+            handler = ReplyOnPause(lambda a: None, input_sample_rate=RATE)
+            if not skipping:
+                handler._quiet_windows = lambda probs: 0  # type: ignore[method-assign]
+            on_hop = handler._on_hop
+
+            async def counted(sr: int, piece: np.ndarray, on_hop=on_hop) -> None:
+                nonlocal hops
+                hops += 1
+                await on_hop(sr, piece)
+
+            handler._on_hop = counted  # type: ignore[method-assign]
+            log: list[str] = []
+            handler.set_channel(type("Log", (), {"send": lambda self, m: log.append(m)})())
+            step = RATE // 50
+            for i in range(0, rec.audio.size - step + 1, step):
+                await handler.receive((RATE, rec.audio[None, i:i + step]))
+                if log and "pause_detected" in log[-1]:
+                    pauses_at.append((name, i))
+                    log.clear()
+            handler.shutdown()
+        results[skipping] = (pauses_at, hops)
+    assert len(results[True][0]) >= 9 and results[True][0] == results[False][0]
+    assert results[True][1] < 0.8 * results[False][1], results
