@@ -272,8 +272,9 @@ class _Waiting:
 class CallBundler:
     """One front-end process's chunks, bundled into few Serve calls.
 
-    A call goes when no call is in flight (an idle engine never waits), when `max_items` are
-    pending, or when the oldest has waited `max_wait_s`, with at most `max_inflight` calls in
+    A call goes when no call is in flight (an idle engine never waits; chunks submitted in the
+    same turn of the event loop still go together), when `max_items` are pending, or when the
+    oldest has waited `max_wait_s`, with at most `max_inflight` calls in
     flight (Serve spreads them over replicas). While calls are in flight, chunks gather for the
     next one, so the call rate stays bounded however many sessions send.
     """
@@ -288,6 +289,7 @@ class CallBundler:
         self._inflight = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
+        self._soon: asyncio.Handle | None = None
         self._closed = False
         # counters for /health and the benchmark
         self.calls = self.items = self.failed_calls = 0
@@ -306,10 +308,13 @@ class CallBundler:
             raise QueueFullError(f"{self.max_pending} VAD chunks already wait for the Ray engine")
         fut = loop.create_future()
         self._queue.append(_Waiting(item, fut, deadline, time.monotonic()))
-        self._pump()
+        if self._soon is None:
+            # Not at once: chunks submitted in this same turn of the loop (a burst) go together.
+            self._soon = loop.call_soon(self._pump)
         return fut
 
     def _pump(self) -> None:
+        self._soon = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -374,8 +379,9 @@ class CallBundler:
 
     async def close(self) -> None:
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
+        for h in (self._timer, self._soon):
+            if h is not None:
+                h.cancel()
         _fail(list(self._queue), EngineUnavailable("the Ray engine client is closed"))
         self._queue.clear()
         for t in list(self._tasks):
