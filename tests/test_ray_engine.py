@@ -185,9 +185,10 @@ async def test_ray_engine_matches_the_local_engine_on_real_speech(ray_handle) ->
 
 
 async def test_killing_the_replica_fails_chunks_in_flight_and_streams_go_on(ray_handle) -> None:
-    """A replica killed mid-run: the chunks in flight fail with EngineUnavailable (or
-    EngineTimeout), nothing hangs, and once Serve has a new replica every stream goes on from
-    its last good state: its outputs equal a local stream's fed the chunks that went through."""
+    """A replica killed while a call is in flight: that call's chunks fail with
+    EngineUnavailable (or EngineTimeout), nothing hangs, and once Serve has a new replica every
+    stream goes on from its last good state: its outputs equal a local stream's fed the chunks
+    that went through."""
     import ray
 
     from server.engine.ray_app import RayEngine
@@ -202,13 +203,9 @@ async def test_killing_the_replica_fails_chunks_in_flight_and_streams_go_on(ray_
     passed: list[list[int]] = [[] for _ in range(n)]
     outs: list[list[np.ndarray]] = [[] for _ in range(n)]
     failures: list[BaseException] = []
-    killed = asyncio.Event()
 
     async def feed(k: int) -> None:
         for i, p in enumerate(pieces):
-            if k == 0 and i == 5:
-                ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-                killed.set()
             t0 = time.monotonic()
             try:
                 out = await streams[k].process(p)
@@ -221,12 +218,28 @@ async def test_killing_the_replica_fails_chunks_in_flight_and_streams_go_on(ray_
             outs[k].append(out)
             await asyncio.sleep(0.01)
 
+    async def kill_mid_call() -> list[object]:
+        """A burst of 256 chunks in one call; the replica is killed while it is in flight."""
+        while min(len(p) for p in passed) < 3:
+            await asyncio.sleep(0.01)
+        burst = [eng.vad.open_stream(48000) for _ in range(256)]
+        calls = eng.vad.bundler.calls
+        t0 = time.monotonic()
+        task = asyncio.ensure_future(asyncio.gather(*(s.process(pieces[10]) for s in burst), return_exceptions=True))
+        while eng.vad.bundler.calls == calls or eng.vad.bundler.stats()["inflight"] == 0:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.03)
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+        results = await task
+        assert time.monotonic() - t0 < 15 + 5
+        return results
+
     try:
-        await asyncio.wait_for(asyncio.gather(*(feed(k) for k in range(n))), 180)
+        *_, burst = await asyncio.wait_for(asyncio.gather(*(feed(k) for k in range(n)), kill_mid_call()), 180)
     finally:
         await eng.close()
-    assert killed.is_set()
-    assert failures, "no chunk was in flight when the replica died"
+    assert all(isinstance(r, (EngineUnavailable, EngineTimeout)) for r in burst), {type(r).__name__ for r in burst}
+    assert any(isinstance(r, EngineUnavailable) and "ActorDiedError" in str(r) for r in burst), burst[0]
     new = await ray_handle.options(method_name="replica_actor").remote()
     assert new != name  # Serve replaced it
     for k in range(n):
