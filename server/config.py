@@ -20,6 +20,7 @@ Modality = Literal["video", "audio", "audio-video"]
 Mode = Literal["send-receive", "receive", "send"]
 MODALITIES = ("video", "audio", "audio-video")
 MODES = ("send-receive", "receive", "send")
+ENGINES = ("auto", "process", "inprocess", "ray")
 
 
 def _int(name: str, default: int, minimum: int = 1) -> int:
@@ -93,12 +94,17 @@ class Settings:
     # loopback): `BATCHRTC_ICE_HOSTS=127.0.0.1` for tests and benchmarks on loopback.
     ice_hosts: tuple[str, ...] = ()
     # Where the batchers run: "auto" (in an engine process when uvicorn runs several workers,
-    # in-process otherwise), "process" or "inprocess"; see server/engine/.
+    # in-process otherwise; "local" says the same), "process", "inprocess", or "ray" (the VAD
+    # on engine replicas of a Ray Serve deployment, the cluster named by Ray's own RAY_ADDRESS;
+    # needs the `ray` extra); see server/engine/ and docs/ray.md.
     engine: str = "auto"
     # Shared memory one front-end process may hold for payloads in flight to the engine.
     engine_shm_mb: int = 1024
     # An engine that answers no ping for this long is taken as hung: killed and restarted.
     engine_hang_s: float = 10.0
+    # BATCHRTC_ENGINE=ray: the Serve application front ends call (deployed by the first front
+    # end that finds it missing, or by `serve deploy` / a KubeRay RayService).
+    ray_app: str = "batchrtc"
 
 
 def load_settings() -> Settings:
@@ -109,8 +115,10 @@ def load_settings() -> Settings:
             raise ValueError(f"BATCHRTC_PUBLIC_URL must be an http(s) URL like https://example.com, got {public!r}")
     vad_threads = os.environ.get("BATCHRTC_VAD_THREADS", "").strip()
     engine = os.environ.get("BATCHRTC_ENGINE", "").strip().lower() or "auto"
-    if engine not in ("auto", "process", "inprocess"):
-        raise ValueError(f"BATCHRTC_ENGINE must be auto, process or inprocess, got {engine!r}")
+    if engine == "local":  # the name for today's default
+        engine = "auto"
+    if engine not in ENGINES:
+        raise ValueError(f"BATCHRTC_ENGINE must be local, auto, process, inprocess or ray, got {engine!r}")
     return Settings(
         concurrency=_int("BATCHRTC_CONCURRENCY", 0) or None,
         vad_max_batch=_int("BATCHRTC_VAD_MAX_BATCH", Settings.vad_max_batch),
@@ -129,6 +137,7 @@ def load_settings() -> Settings:
         engine=engine,
         engine_shm_mb=_int("BATCHRTC_ENGINE_SHM_MB", Settings.engine_shm_mb),
         engine_hang_s=_float("BATCHRTC_ENGINE_HANG_S", Settings.engine_hang_s) or Settings.engine_hang_s,
+        ray_app=os.environ.get("BATCHRTC_RAY_APP", "").strip() or Settings.ray_app,
     )
 
 

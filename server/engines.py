@@ -20,17 +20,22 @@ import torch
 from batching import DynamicBatcher, ProcessRunner
 from models.device import default_device
 
+from .config import Settings
 from .engine import EngineClient, acquire_client, release_client, use_engine_process
 from .video import BatchedHandler
 
 
 class EngineRegistry:
-    def __init__(self, handler: Any = None, *, uses_vad: bool = False, mode: str = "inprocess") -> None:
+    def __init__(self, handler: Any = None, *, uses_vad: bool = False, mode: str = "inprocess",
+                 settings: Settings | None = None) -> None:
         self._lock = threading.Lock()
         self.batched: BatchedHandler | None = handler if isinstance(handler, BatchedHandler) else None
         self.uses_vad = uses_vad
-        self.mode = mode  # Settings.engine: auto, process or inprocess
+        self.mode = mode  # Settings.engine: auto, process, inprocess or ray
+        self.settings = settings if settings is not None else Settings()
         self.client: EngineClient | None = None  # set while served with an engine process
+        self.ray: Any = None  # server.engine.ray_app.RayEngine, while served with BATCHRTC_ENGINE=ray
+        self._vad_before: Any = None
         self._extra: list[weakref.ref[DynamicBatcher]] = []
 
     def register_batcher(self, batcher: DynamicBatcher) -> None:
@@ -44,7 +49,14 @@ class EngineRegistry:
         """Create and warm what the stream uses, off the event loop: the VAD engine's model
         and state table, the batched handler's worker process (it loads its model there).
         In engine mode: connect to the engine process (starting it if none runs) and have it
-        load the batched handler and the VAD there instead."""
+        load the batched handler and the VAD there instead. With BATCHRTC_ENGINE=ray: join the
+        Ray cluster and send the VAD's chunks to its Serve replicas (batched video handlers
+        still run here)."""
+        if self.mode == "ray":
+            await self._start_ray()
+            if self.batched is not None:
+                self.batched.start()
+            return
         if use_engine_process(self.mode):
             client = await acquire_client(shm_bytes=shm_bytes, hang_timeout_s=hang_timeout_s)
             self.client = client
@@ -65,9 +77,30 @@ class EngineRegistry:
 
             await asyncio.to_thread(get_vad_engine)
 
+    async def _start_ray(self) -> None:
+        from .engine.ray_vad import require_ray
+
+        require_ray()  # a clear message, not an ImportError from deep inside
+        if not self.uses_vad:
+            return
+        from . import vad_engine
+        from .engine.ray_app import RayEngine
+
+        self.ray = await RayEngine.connect(self.settings)
+        # ReplyOnPause opens its streams with `get_vad_engine().open_stream(rate)`.
+        self._vad_before = vad_engine.current_vad_engine()
+        vad_engine.set_vad_engine(self.ray.vad)
+
     async def stop(self) -> None:
         """Stop what this stream alone owns (the shared VAD engine outlives any one stream).
         The batched handler is dropped, not just closed: served again, it starts afresh."""
+        if self.ray is not None:
+            from . import vad_engine
+
+            ray_engine, self.ray = self.ray, None
+            if vad_engine.current_vad_engine() is ray_engine.vad:
+                vad_engine.set_vad_engine(self._vad_before)
+            await ray_engine.close()
         if self.client is not None:
             self.client = None
             await release_client()
@@ -84,7 +117,7 @@ class EngineRegistry:
             from . import vad_engine
 
             engine = vad_engine.current_vad_engine()
-            if engine is not None:
+            if engine is not None and self.ray is None:  # with Ray, the batcher is in the replicas
                 found.append(engine.batcher)
         if self.batched is not None and self.batched.existing_batcher is not None:
             found.append(self.batched.existing_batcher)
@@ -113,6 +146,8 @@ class EngineRegistry:
         """Where the models run: the VAD engine's or the batched handler's device."""
         if self.client is not None:
             return f"engine process (pid {self.client.engine_pid})"
+        if self.ray is not None:
+            return "ray serve replicas"
         dev: Any = None
         if self.uses_vad:
             from . import vad_engine

@@ -92,7 +92,7 @@ class Stream(FastAPI):
         self.pool = HandlerPool(settings.handler_threads, settings.handler_threads_lost)
         self.stream_metrics = metrics.StreamMetrics()
         self.engines = EngineRegistry(handler, uses_vad=isinstance(handler, ReplyOnPause) and handler.model is None,
-                                      mode=settings.engine)
+                                      mode=settings.engine, settings=settings)
         self.registry = SessionRegistry(
             self.config.concurrency_limit,
             factory=self._new_session,
