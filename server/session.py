@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
+from .deadlines import call_deadlines
 from .handler_pool import HandlerPool, default_pool
 from .handlers import AsyncStreamHandler, DataChannel, StreamHandlerBase
 from .outputs import InvalidOutput, Output, parse_output
@@ -51,6 +53,23 @@ MAX_PLAIN_OUTPUTS_PER_S = 200.0
 # loop; one that does so this many times in a row, for this long, ends its session.
 SPIN_CALLS = 1000
 SPIN_SECONDS = 5.0
+
+
+@functools.lru_cache(maxsize=1024)
+def _coroutine_function(func: Any) -> bool:
+    return inspect.iscoroutinefunction(func)
+
+
+def _is_coroutine_function(fn: Callable[..., Any]) -> bool:
+    """`inspect.iscoroutinefunction`, cached per function: asked for every media frame of a
+    handler's bound `receive` (a new bound-method object each time, the same function)."""
+    func = getattr(fn, "__func__", None)
+    if func is None:
+        return inspect.iscoroutinefunction(fn)
+    try:
+        return _coroutine_function(func)
+    except TypeError:  # unhashable
+        return inspect.iscoroutinefunction(fn)
 
 
 class SessionState(enum.Enum):
@@ -140,6 +159,7 @@ class Session:
         self.kind = kind
         self.pool = pool or default_pool()
         self.loop = asyncio.get_running_loop()
+        self._deadlines = call_deadlines(self.loop)
         self.started = time.monotonic()
         self.outputs = OutputStreams()
         self.closed = asyncio.Event()  # set when the session stops being ACTIVE
@@ -269,7 +289,7 @@ class Session:
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Call a handler method: awaited if async, else on the handler pool with our context."""
-        if inspect.iscoroutinefunction(fn):
+        if _is_coroutine_function(fn):
             current_context.set(self.context)
             return await fn(*args)
         return await self.run_blocking(fn, *args)
@@ -280,18 +300,29 @@ class Session:
         timeout = self.config.handler_timeout
         if timeout is None:
             return await self.call(fn, *args)
+        if not hasattr(asyncio.Task, "uncancel"):  # Python 3.10
+            try:
+                return await asyncio.wait_for(self.call(fn, *args), timeout)
+            except asyncio.TimeoutError:
+                self._timed_out(fn, timeout)
+        # This runs for every media frame: one watcher per loop instead of a timer per call.
+        deadlines = self._deadlines
+        token = deadlines.start(timeout)
         try:
-            # asyncio.timeout (3.11+) adds no task and no extra timer hop per call; this runs
-            # for every media frame.
-            if hasattr(asyncio, "timeout"):
-                async with asyncio.timeout(timeout):
-                    return await self.call(fn, *args)
-            return await asyncio.wait_for(self.call(fn, *args), timeout)
-        except (asyncio.TimeoutError, TimeoutError):
-            name = getattr(fn, "__qualname__", repr(fn))
-            self.send_error(f"handler {name} did not return within {timeout:g} s; closing the session")
-            self.close("handler timed out")
-            raise HandlerTimeout(name) from None
+            return await self.call(fn, *args)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if deadlines.finish(token) and task is not None and task.uncancel() == 0:
+                self._timed_out(fn, timeout)  # our cancel, and nobody else's
+            raise
+        finally:
+            deadlines.finish(token)
+
+    def _timed_out(self, fn: Callable[..., Any], timeout: float) -> NoReturn:
+        name = getattr(fn, "__qualname__", repr(fn))
+        self.send_error(f"handler {name} did not return within {timeout:g} s; closing the session")
+        self.close("handler timed out")
+        raise HandlerTimeout(name) from None
 
     def start_up(self) -> None:
         """Run the handler's `start_up` (sync or async) once, as the connection starts."""
