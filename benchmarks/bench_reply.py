@@ -86,7 +86,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import RESULTS_DIR, child_main, code_version, machine_info
+from benchmarks.harness import RESULTS_DIR, child_main, client_loop, code_version, machine_info
 from benchmarks.server_process import UvicornProcess, wait_for_workers
 
 # Heavy imports (torch, the server package, scipy, websockets) are done lazily: client worker
@@ -1175,7 +1175,7 @@ def main(argv: list[str] | None = None) -> int:
         "code_version": code_version_at_start,
         "server_command": next(iter(server_commands.values()), "python -m uvicorn server.echo_app:stream --port P --log-level warning"),
         "server_commands": server_commands,
-        "client_desc": f"{kdesc} spawn process(es), one asyncio loop each, websockets client; "
+        "client_desc": f"{kdesc} spawn process(es), one {client_loop()} loop each, websockets client; "
         f"mu-law media at 48 kHz; starts staggered over {a.stagger_s} s, listening {a.listen_s} s "
         "after the last frame",
         "configs": [{"frame_ms": f, "compression": c} for f, c in a.configs],

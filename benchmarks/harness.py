@@ -46,7 +46,7 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine_info(packages: tuple[str, ...] = ("torch", "onnxruntime", "silero-vad", "websockets", "uvicorn", "aiortc")) -> dict[str, Any]:
+def machine_info(packages: tuple[str, ...] = ("torch", "onnxruntime", "silero-vad", "websockets", "uvicorn", "uvloop", "httptools", "aiortc")) -> dict[str, Any]:
     """CPU, memory, Python, the versions of `packages`, the GPU (when torch sees one)."""
     info: dict[str, Any] = {
         "cpu_model": cpu_model(),
@@ -165,11 +165,27 @@ def write_report(md_path: Path, markdown: str, data: dict[str, Any]) -> tuple[Pa
 
 
 # -- load-generator processes -------------------------------------------------------------------
-def child_main(conn: Any, work: Callable[[Any], Awaitable[Any]]) -> None:
-    """Entry of a load-generator process: run `work(conn)` on a fresh event loop; an error
-    goes back to the parent as ("error", traceback) instead of dying silently."""
+def client_loop() -> str:
+    """The event loop the load-generator processes run (see `child_main`)."""
     try:
-        asyncio.run(work(conn))
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    return f"uvloop {uvloop.__version__}"
+
+
+def child_main(conn: Any, work: Callable[[Any], Awaitable[Any]]) -> None:
+    """Entry of a load-generator process: run `work(conn)` on a fresh event loop (uvloop's
+    when installed: on a small machine the load generator shares the cores with the server
+    it measures, so its own cost should be low); an error goes back to the parent as
+    ("error", traceback) instead of dying silently."""
+    try:
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(work(conn))
+        else:
+            uvloop.run(work(conn))
     except BaseException:
         with contextlib.suppress(Exception):
             conn.send(("error", traceback.format_exc()))
