@@ -46,11 +46,21 @@ def default_vad_threads(device: torch.device | str) -> int | None:
     return CPU_VAD_THREADS if torch.device(device).type == "cpu" else None
 
 
+def to_float32(samples: np.ndarray) -> np.ndarray:
+    """Samples as float32 in [-1, 1] (int16 is scaled)."""
+    if samples.dtype == np.int16:
+        return samples.astype(np.float32) * np.float32(1 / 32768)
+    return np.asarray(samples, dtype=np.float32)
+
+
 @dataclass
 class _Work:
     stream: VADStream
     rate: int
-    samples: np.ndarray  # float32 [n], n a multiple of the resampler's `down`
+    # int16 or float32 [n], n a multiple of the resampler's `down`. int16 stays int16 until
+    # the batch converts all of them in one op: half the memory while it waits, and no
+    # per-chunk conversion on the event loop.
+    samples: np.ndarray
     pending_len: int  # 16 kHz samples waiting on the device from earlier chunks
     n_windows: int
     generation: int
@@ -132,12 +142,19 @@ class VADEngine:
     def _run_batch(self, items: list[_Work]) -> list[np.ndarray]:
         dev = self.device
         rate = items[0].rate
+        chunks = [w.samples for w in items]
+        if any(c.dtype != chunks[0].dtype for c in chunks):
+            chunks = [to_float32(c) for c in chunks]  # mixed clients: convert each
+        scale = 1 / 32768 if chunks[0].dtype == np.int16 else None
         if dev.type == "cuda":  # stack straight into pinned memory, then copy asynchronously
-            host = torch.empty((len(items), items[0].samples.shape[0]), pin_memory=True)
-            np.stack([w.samples for w in items], out=host.numpy())
+            host = torch.empty((len(chunks), chunks[0].shape[0]), pin_memory=True,
+                               dtype=torch.int16 if scale else torch.float32)
+            np.stack(chunks, out=host.numpy())
             x = host.to(dev, non_blocking=True)
         else:
-            x = torch.from_numpy(np.stack([w.samples for w in items]))
+            x = torch.from_numpy(np.stack(chunks))
+        if scale:
+            x = x.to(torch.float32).mul_(scale)
         slots = [w.stream.slot for w in items]
         k_host = [w.n_windows for w in items]
         with torch.inference_mode():
@@ -218,13 +235,15 @@ class VADStream:
         engine process passes the front-end worker, for its per-batch metrics)."""
         if self.closed:
             raise RuntimeError("VAD stream is closed")
-        x = np.asarray(samples)
-        if x.dtype == np.int16:
-            x = x.astype(np.float32) / 32768.0
-        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+        x = np.asarray(samples).reshape(-1)
+        if x.dtype != np.int16:
+            x = np.ascontiguousarray(x, dtype=np.float32)
         async with self._lock:
             if self._carry.size:
-                x = np.concatenate([self._carry, x])
+                if self._carry.dtype != x.dtype:
+                    x = np.concatenate([to_float32(self._carry), to_float32(x)])
+                else:
+                    x = np.concatenate([self._carry, x])
             usable = x.size - x.size % self._down
             self._carry = x[usable:].copy()
             if usable == 0:

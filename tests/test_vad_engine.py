@@ -64,3 +64,35 @@ def test_env_sets_the_process_wide_engine_threads(monkeypatch) -> None:
 def test_negative_threads_is_refused() -> None:
     with pytest.raises(ValueError, match="threads"):
         VADEngine(device="cpu", capacity=1, threads=-1)
+
+
+async def test_int16_and_float_input_give_the_same_probabilities_in_one_batch() -> None:
+    # int16 chunks stay int16 until their batch converts them; a batch mixing int16 and
+    # float32 chunks (and a stream switching between them) must see the same audio.
+    import asyncio
+
+    from benchmarks.fixtures import load_wav
+
+    sr, audio = load_wav("speech_pause_speech_16k.wav")
+    pcm = np.repeat(audio[: sr * 3], 3)  # 48 kHz-long int16 (the VAD sees it as 48 kHz)
+    as_float = pcm.astype(np.float32) / 32768
+    eng = VADEngine(device="cpu", capacity=8, max_queue_delay_ms=50)
+    try:
+        streams = [eng.open_stream(48000) for _ in range(3)]
+        step = 4800
+        outs: list[list[np.ndarray]] = [[], [], []]
+        for k, i in enumerate(range(0, pcm.size - step + 1, step)):
+            chunks = [pcm[i:i + step], as_float[i:i + step],
+                      pcm[i:i + step] if k % 2 else as_float[i:i + step]]
+            got = await asyncio.gather(*(s.process(c) for s, c in zip(streams, chunks)))
+            for o, g in zip(outs, got):
+                o.append(g)
+        a, b, c = (np.concatenate(o) for o in outs)
+        assert a.size > 80 and a.max() > 0.9
+        np.testing.assert_allclose(a, b, atol=1e-6)
+        np.testing.assert_allclose(a, c, atol=1e-6)
+        assert eng.batcher.stats.snapshot()["mean_batch_size"] > 1.5  # they did share batches
+    finally:
+        for s in streams:
+            s.close()
+        eng.close()

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from batching import BatchingError, QueueFullError
-from server.vad_engine import CONTEXT, LATENCY_BUDGET_S, VADEngine, VADStream
+from server.vad_engine import CONTEXT, LATENCY_BUDGET_S, VADEngine, VADStream, to_float32
 
 from .client import EngineTimeout, EngineUnavailable
 
@@ -273,7 +273,7 @@ def _export_states(eng: VADEngine, streams: list[VADStream]) -> list[StreamState
         hists.update(zip(idx, h))
     empty = np.zeros(0, np.float32)
     return [
-        StreamState(hcx[i], pending[i, : s._pending].copy(), hists.get(i, empty), s._carry.astype(np.float32))
+        StreamState(hcx[i], pending[i, : s._pending].copy(), hists.get(i, empty), to_float32(s._carry))
         for i, s in enumerate(streams)
     ]
 
