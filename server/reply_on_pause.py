@@ -120,11 +120,12 @@ class _TurnState:
     recent: deque[np.ndarray] = field(default_factory=deque)
     recent_len: int = 0
     silent_16k: float = 0.0  # skipped silent audio not yet a whole window (16 kHz samples)
-    # During a turn: hops whose check is skipped because no pause can come by then (see
-    # `_quiet_windows`); their audio waits in `held` and goes to the VAD with the next one.
-    skip_hops: int = 0
+    # During a turn: input samples after the last check during which no pause can come (see
+    # `_quiet_windows`); the checks at hops inside them are skipped, their audio waits in
+    # `held` and goes to the VAD with the next hop's.
+    quiet_samples: int = 0
     held: list[np.ndarray] = field(default_factory=list)
-    max_frame: int = 0  # samples in the largest frame so far (a hop ends on a frame boundary)
+    held_len: int = 0
 
 
 class ReplyOnPause(AsyncStreamHandler):
@@ -232,7 +233,6 @@ class ReplyOnPause(AsyncStreamHandler):
         st = self._state  # after a reset: the first frame belongs to the new state
         st.buffer.append(audio)
         st.buffered += audio.shape[-1]
-        st.max_frame = max(st.max_frame, audio.shape[-1])
         algo = self.algo_options
         sliding = algo.pause_window == "sliding" and self.model is None
         if sliding:
@@ -243,13 +243,13 @@ class ReplyOnPause(AsyncStreamHandler):
             hop = algo.audio_chunk_duration
         if st.buffered < hop * sr:
             return
-        if st.skip_hops > 0:  # no pause can be decided here: check at a later hop
-            st.skip_hops -= 1
-            st.held += st.buffer
+        if sliding and st.started_talking and st.held_len + st.buffered <= st.quiet_samples:
+            st.held += st.buffer  # no pause can be decided here: check at a later hop
+            st.held_len += st.buffered
             st.buffer, st.buffered = [], 0
             return
         chunk = np.concatenate(st.held + st.buffer, axis=-1)
-        st.held, st.buffer, st.buffered = [], [], 0
+        st.held, st.held_len, st.buffer, st.buffered = [], 0, [], 0
         if sliding:
             await self._on_hop(sr, chunk)
         else:
@@ -353,7 +353,7 @@ class ReplyOnPause(AsyncStreamHandler):
             if speech_seconds(np.asarray(st.probs), self.model_options) <= algo.started_talking_threshold:
                 return
             st.started_talking = True
-            st.skip_hops = 0
+            st.quiet_samples = 0
             st.utterance, st.utterance_len = list(st.recent), st.recent_len
             st.recent.clear()
             st.recent_len = 0
@@ -366,12 +366,11 @@ class ReplyOnPause(AsyncStreamHandler):
         if self._decides_pause(probs_now, window):
             await self._pause(sr)
             return
-        # Skip the checks at the hops that end before the quiet windows do (a hop's audio
-        # is at most `sliding_hop_s` plus one frame): the checks that remain are the same
-        # hops as without skipping, so the same pauses are found at the same times.
-        longest_hop = algo.sliding_hop_s + st.max_frame / sr
-        st.skip_hops = max(0, int(self._quiet_windows(probs_now) * WINDOW / VAD_RATE
-                                  // longest_hop) - 1)
+        # Skip the checks at the hops whose audio ends inside the quiet windows; the hops
+        # checked are the ones checked without skipping, so the same pauses are found at the
+        # same times. (One window fewer: the VAD may hold up to a window's samples pending.)
+        quiet = max(0, self._quiet_windows(probs_now) - 1)
+        st.quiet_samples = quiet * WINDOW * sr // VAD_RATE
 
     def _decides_pause(self, probs: np.ndarray, window: int) -> bool:
         return self._holds_pause(probs) or (
@@ -444,6 +443,7 @@ class ReplyOnPause(AsyncStreamHandler):
         )
         st.started_talking = False
         st.utterance, st.utterance_len = [], 0
+        st.quiet_samples = 0
         await self.send_message(create_message("log", "pause_detected"))
         await self._start_reply(sr, utterance)
 
