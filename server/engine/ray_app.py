@@ -135,6 +135,9 @@ def directory_actor(settings: Settings) -> Any:
     join_cluster()
     return SessionDirectoryActor.options(
         name=directory_name(settings), namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+        # On the head node (the resource Ray gives it), not on a front end's node that may go away
+        # with its pod: a restart would make every front end claim its sessions again.
+        resources={"node:__internal_head__": 0.001},
     ).remote(lease_s=settings.ray_lease_s)
 
 
