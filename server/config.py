@@ -105,6 +105,11 @@ class Settings:
     # BATCHRTC_ENGINE=ray: the Serve application front ends call (deployed by the first front
     # end that finds it missing, or by `serve deploy` / a KubeRay RayService).
     ray_app: str = "batchrtc"
+    # BATCHRTC_ENGINE=ray: a front end's lease on its sessions in the cluster's session
+    # directory. A front end that stops renewing it (killed, cut off) has its sessions
+    # released this long after its last renewal; the first front end to create the directory
+    # sets it.
+    ray_lease_s: float = 10.0
 
 
 def load_settings() -> Settings:
@@ -138,6 +143,7 @@ def load_settings() -> Settings:
         engine_shm_mb=_int("BATCHRTC_ENGINE_SHM_MB", Settings.engine_shm_mb),
         engine_hang_s=_float("BATCHRTC_ENGINE_HANG_S", Settings.engine_hang_s) or Settings.engine_hang_s,
         ray_app=os.environ.get("BATCHRTC_RAY_APP", "").strip() or Settings.ray_app,
+        ray_lease_s=_float("BATCHRTC_RAY_LEASE_S", Settings.ray_lease_s) or Settings.ray_lease_s,
     )
 
 

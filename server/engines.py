@@ -35,6 +35,9 @@ class EngineRegistry:
         self.settings = settings if settings is not None else Settings()
         self.client: EngineClient | None = None  # set while served with an engine process
         self.ray: Any = None  # server.engine.ray_app.RayEngine, while served with BATCHRTC_ENGINE=ray
+        # With BATCHRTC_ENGINE=ray: this front end's line to the cluster's session directory
+        # (server.engine.ray_directory.SessionsClient), the registry's shared registry.
+        self.ray_sessions: Any = None
         self._vad_before: Any = None
         self._extra: list[weakref.ref[DynamicBatcher]] = []
 
@@ -81,12 +84,20 @@ class EngineRegistry:
         from .engine.ray_vad import require_ray
 
         require_ray()  # a clear message, not an ImportError from deep inside
+        from .engine.ray_app import RayEngine, connect_sessions
+
+        # Sessions are shared across front ends whatever the handler: ids, the limit, relays.
+        self.ray_sessions = await connect_sessions(self.settings)
         if not self.uses_vad:
             return
         from . import vad_engine
-        from .engine.ray_app import RayEngine
 
-        self.ray = await RayEngine.connect(self.settings)
+        try:
+            self.ray = await RayEngine.connect(self.settings, origin=self.ray_sessions.front)
+        except BaseException:
+            sessions, self.ray_sessions = self.ray_sessions, None
+            await sessions.close()
+            raise
         # ReplyOnPause opens its streams with `get_vad_engine().open_stream(rate)`.
         self._vad_before = vad_engine.current_vad_engine()
         vad_engine.set_vad_engine(self.ray.vad)
@@ -101,6 +112,9 @@ class EngineRegistry:
             if vad_engine.current_vad_engine() is ray_engine.vad:
                 vad_engine.set_vad_engine(self._vad_before)
             await ray_engine.close()
+        if self.ray_sessions is not None:
+            sessions, self.ray_sessions = self.ray_sessions, None
+            await sessions.close()  # releases this front end's sessions now, not at lease expiry
         if self.client is not None:
             self.client = None
             await release_client()
@@ -141,6 +155,11 @@ class EngineRegistry:
         if self.batched is None or self.batched.runner is None:
             return None
         return f"video:{self.batched.__name__}", self.batched.runner
+
+    def shared_registry(self) -> Any:
+        """What shares this stream's session registry with other front ends: the engine
+        process's client, the Ray session directory's, or None (this process alone)."""
+        return self.client if self.client is not None else self.ray_sessions
 
     def device(self) -> str:
         """Where the models run: the VAD engine's or the batched handler's device."""

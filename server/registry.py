@@ -23,6 +23,7 @@ from .utils import create_message
 
 if TYPE_CHECKING:
     from .engine import EngineClient
+    from .engine.ray_directory import SessionsClient
     from .handlers import DataChannel
     from .session import Session
 
@@ -97,12 +98,13 @@ class SessionRegistry(Mapping[str, "Session"]):
         self._capacity_check = capacity_check
         self.time_limit = time_limit
         self.verbose = verbose
-        # With an engine process: the registry shared by every worker (ids, the limit, which
-        # worker holds a session), and the operations other workers may ask of ours.
-        self.shared: EngineClient | None = None
+        # With an engine process (or BATCHRTC_ENGINE=ray: the cluster's session directory): the
+        # registry shared by every worker (ids, the limit, which worker holds a session), and
+        # the operations other workers may ask of ours.
+        self.shared: EngineClient | SessionsClient | None = None
         self.remote_ops: dict[str, Callable[[str, Any], Awaitable[Any]]] = {"set_input": self._remote_set_input}
 
-    def attach_engine(self, client: EngineClient | None) -> None:
+    def attach_engine(self, client: EngineClient | SessionsClient | None) -> None:
         """Share ids, the limit and lookups with the other workers through `client` (None: alone)."""
         self.shared = client
         if client is not None:

@@ -243,7 +243,7 @@ class Stream(FastAPI):
     async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
         settings = self.config.settings
         await self.engines.start(shm_bytes=settings.engine_shm_mb << 20, hang_timeout_s=settings.engine_hang_s)
-        self.registry.attach_engine(self.engines.client)
+        self.registry.attach_engine(self.engines.shared_registry())
         ui_socket = None
         if self.engines.client is not None:  # /ui across workers: see server/engine/ui_host.py
             ui_socket = UISocketServer(self, os.path.join(private_dir(), f"ui-{os.getpid()}.sock"))

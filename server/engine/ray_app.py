@@ -22,6 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from server.config import Settings
 
+from .ray_directory import SessionDirectory, SessionsClient
 from .ray_vad import Call, RayVAD, Results, VADReplica
 
 logger = logging.getLogger(__name__)
@@ -56,9 +57,8 @@ def build(args: dict[str, str]) -> Any:
 app = VADDeployment.bind()
 
 
-def connect(settings: Settings) -> DeploymentHandle:
-    """Join the cluster and return a handle to the VAD deployment, deploying it when the
-    application is missing (blocking: run it off the event loop)."""
+def join_cluster() -> None:
+    """Join the cluster Ray's own `RAY_ADDRESS` names (blocking), unless already joined."""
     address = os.environ.get("RAY_ADDRESS") or "auto"
     if not ray.is_initialized():
         try:
@@ -68,6 +68,12 @@ def connect(settings: Settings) -> DeploymentHandle:
             raise RuntimeError(
                 f"BATCHRTC_ENGINE=ray: no Ray cluster at RAY_ADDRESS={address!r} ({e}). Start one "
                 "(`ray start --head`) or set RAY_ADDRESS to its address") from e
+
+
+def connect(settings: Settings) -> DeploymentHandle:
+    """Join the cluster and return a handle to the VAD deployment, deploying it when the
+    application is missing (blocking: run it off the event loop)."""
+    join_cluster()
     try:
         return serve.get_app_handle(settings.ray_app)
     except RayServeException:
@@ -82,20 +88,79 @@ def connect(settings: Settings) -> DeploymentHandle:
 
 
 class RayEngine:
-    """A front-end process's Ray engine: the handle and the `RayVAD` its sessions use."""
+    """A front-end process's Ray engine: the handle and the `RayVAD` its sessions use.
+    `origin` names this front end to the replicas (their batch statistics count items by it)."""
 
-    def __init__(self, handle: DeploymentHandle, *, max_items: int = 512, timeout_s: float = 10.0) -> None:
+    def __init__(self, handle: DeploymentHandle, *, max_items: int = 512, timeout_s: float = 10.0,
+                 origin: str = "") -> None:
         self.handle = handle
+        self.origin = origin
         self._process = handle.options(method_name="process")
         self.vad = RayVAD(self._send, max_items=max_items, timeout_s=timeout_s)
 
     async def _send(self, call: Call) -> Results:
-        return await self._process.remote(call)
+        return await self._process.remote(call, self.origin)
 
     @classmethod
-    async def connect(cls, settings: Settings) -> RayEngine:
+    async def connect(cls, settings: Settings, origin: str = "") -> RayEngine:
         handle = await asyncio.to_thread(connect, settings)
-        return cls(handle, max_items=settings.vad_max_batch, timeout_s=max(settings.engine_hang_s, 1.0))
+        return cls(handle, max_items=settings.vad_max_batch, timeout_s=max(settings.engine_hang_s, 1.0),
+                   origin=origin)
 
     async def close(self) -> None:
         await self.vad.close()
+
+
+# -- the session directory -----------------------------------------------------------------------
+NAMESPACE = "batchrtc"
+
+
+@ray.remote(
+    num_cpus=0,  # bookkeeping: it must not take a CPU a replica needs
+    max_restarts=-1,  # restarted empty (a new epoch): front ends claim their sessions again
+    max_concurrency=4096,  # one long poll in flight per front end, plus claims and relays
+)
+class SessionDirectoryActor(SessionDirectory):
+    """`SessionDirectory` as a Ray async actor (server/engine/ray_directory.py)."""
+
+
+def directory_name(settings: Settings) -> str:
+    return f"{settings.ray_app}-sessions"
+
+
+def directory_actor(settings: Settings) -> Any:
+    """The cluster's session directory for this application, created by whoever asks first
+    (blocking). Named in its own namespace so every front end finds it whatever namespace its
+    job runs in; detached so it outlives the front end that created it."""
+    join_cluster()
+    return SessionDirectoryActor.options(
+        name=directory_name(settings), namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+        # On the head node (the resource Ray gives it), not on a front end's node that may go away
+        # with its pod: a restart would make every front end claim its sessions again.
+        resources={"node:__internal_head__": 0.001},
+    ).remote(lease_s=settings.ray_lease_s)
+
+
+class _DirectoryLine:
+    """`invoke(name, *args)` for a `SessionsClient`: an actor call. A directory that died for good
+    is asked for again (get_if_exists makes a new one; front ends see its new epoch and rejoin)."""
+
+    def __init__(self, settings: Settings, actor: Any) -> None:
+        self.settings = settings
+        self.actor = actor
+
+    async def __call__(self, name: str, *args: Any) -> Any:
+        try:
+            return await getattr(self.actor, name).remote(*args)
+        except ray.exceptions.ActorDiedError:
+            self.actor = await asyncio.to_thread(directory_actor, self.settings)
+            raise
+
+
+async def connect_sessions(settings: Settings) -> SessionsClient:
+    """This front end's `SessionsClient`, joined to the cluster's session directory."""
+    actor = await asyncio.to_thread(directory_actor, settings)
+    client = SessionsClient(_DirectoryLine(settings, actor), lease_s=settings.ray_lease_s,
+                            timeout_s=max(settings.engine_hang_s, 1.0))
+    await client.start()
+    return client

@@ -164,6 +164,13 @@ class VADReplica:
                                 threads=threads)
         self.calls = 0
         self.items = 0
+        # Batches by where their items came from (the calling front end's `origin`): a batch
+        # mixing front ends is what running the engine on Ray is for.
+        self.items_by_origin: dict[str, int] = {}
+        self.mixed_batches = 0
+        self.batches = 0
+        self._call_seq = 0
+        self.engine.batcher.on_batch = self._on_batch
         # Streams between calls, by rate: their slots are overwritten by the next call's states,
         # so an item costs no slot acquire and release (measured ~66 µs an item on CPU).
         self._idle: dict[int, list[VADStream]] = {}
@@ -180,10 +187,22 @@ class VADReplica:
         self.engine.batcher.remove_producer()
         self._idle.setdefault(s.sample_rate, []).append(s)
 
-    async def process(self, call: Call) -> Results:
+    def _on_batch(self, sources: list[Any], waits: list[float], run_s: float) -> None:
+        """On the batch thread after each batch: count its items by origin."""
+        origins = [s[0] for s in sources if isinstance(s, tuple)]
+        self.batches += 1
+        if len(set(origins)) > 1:
+            self.mixed_batches += 1
+        for o in origins:
+            self.items_by_origin[o] = self.items_by_origin.get(o, 0) + 1
+
+    async def process(self, call: Call, origin: str = "") -> Results:
+        """Run one call's items; `origin` names the front end that sent it (statistics only)."""
         items = unpack_call(call)
         self.calls += 1
         self.items += len(items)
+        self._call_seq += 1
+        seq = self._call_seq
         eng = self.engine
         results: list[Any] = [None] * len(items)
         streams: list[tuple[int, VADStream]] = []
@@ -198,8 +217,11 @@ class VADReplica:
                 except Exception as e:  # e.g. SlotsExhausted: this item only
                     results[i] = e
             _import_states(eng, [s for _, s in streams], [items[i].state for i, _ in streams])
+            # A source per item, never reused (no stream outlives its call here): a faulty item
+            # is isolated by the batcher without marking later calls' items.
             outs = await asyncio.gather(
-                *(s.process(items[i].samples, latency_budget_s=max(items[i].budget_s, 1e-3)) for i, s in streams),
+                *(s.process(items[i].samples, latency_budget_s=max(items[i].budget_s, 1e-3), source=(origin, seq, i))
+                  for i, s in streams),
                 return_exceptions=True,
             )
             done = [(i, s, o) for (i, s), o in zip(streams, outs) if not isinstance(o, BaseException)]
@@ -215,10 +237,16 @@ class VADReplica:
                 # Cancelled or failed midway, a batch may still write into these slots later:
                 # release them (their generation changes, so that write is skipped).
                 self._put_back(s) if settled else s.close()
+            b = eng.batcher
+            if b.suspects or b.faulty:  # what the batcher learned of this call's sources
+                for i, _ in streams:
+                    b.forget_source((origin, seq, i))
         return pack_results(results)
 
     def stats(self) -> dict[str, Any]:
-        return {"calls": self.calls, "items": self.items, **self.engine.batcher.stats.snapshot()}
+        return {"calls": self.calls, "items": self.items, "batches": self.batches,
+                "mixed_batches": self.mixed_batches, "items_by_origin": dict(self.items_by_origin),
+                **self.engine.batcher.stats.snapshot()}
 
 
 def _import_states(eng: VADEngine, streams: list[VADStream], states: list[StreamState]) -> None:
