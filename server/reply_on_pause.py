@@ -383,16 +383,11 @@ class ReplyOnPause(AsyncStreamHandler):
         `_lookahead()` windows). Mid-speech that is ~9 windows (0.29 s): the check at the
         next hop can be skipped, so the VAD gets an item and the rule runs half as often per
         speaking session, and no pause comes later for it."""
-        opts = self.model_options
-        need = int(max(opts.min_speech_duration_ms / 1000, self.algo_options.speech_threshold)
-                   * VAD_RATE / WINDOW) + 2
-        above = probs >= opts.threshold
-        # End (exclusive) of the last run of `need` windows above the threshold.
-        run = np.convolve(above.view(np.int8), np.ones(need, dtype=np.int8), mode="valid")
-        full = np.flatnonzero(run == need)
-        if full.size == 0:
+        need, starts, ends = self._speech_runs(probs)
+        long_ends = ends[ends - starts >= need]
+        if long_ends.size == 0:
             return 0
-        start = int(full[-1])  # the latest such stretch starts here
+        start = int(long_ends[-1]) - need  # the latest stretch of `need` windows starts here
         return max(0, start - (self._lookahead() if self.algo_options.decide_early else 0))
 
     def _holds_pause(self, probs: np.ndarray) -> bool:
@@ -426,15 +421,18 @@ class ReplyOnPause(AsyncStreamHandler):
         of speech, so Silero's segment logic (Python, per window) need not run: a run of
         windows all above the threshold, longer than `min_speech_duration_ms`, is one kept
         segment at least that long (padding only lengthens it)."""
+        need, starts, ends = self._speech_runs(probs)
+        return bool(ends.size) and bool((ends - starts).max() >= need)
+
+    def _speech_runs(self, probs: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+        """The run length `_surely_speech` asks for, and the runs of windows above the
+        threshold: their starts and (exclusive) ends."""
         opts = self.model_options
         need_s = max(opts.min_speech_duration_ms / 1000, self.algo_options.speech_threshold)
         need = int(need_s * VAD_RATE / WINDOW) + 2
-        above = np.asarray(probs) >= opts.threshold
-        if above.sum() < need:
-            return False
-        # Longest run of consecutive True values.
-        edges = np.flatnonzero(np.diff(np.concatenate(([0], above.view(np.int8), [0]))))
-        return bool((edges[1::2] - edges[::2]).max() >= need)
+        above = (np.asarray(probs) >= opts.threshold).view(np.int8)
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], above, [0]))))
+        return need, edges[::2], edges[1::2]
 
     async def _pause(self, sr: int) -> None:
         st = self._state

@@ -55,6 +55,9 @@ SPIN_CALLS = 1000
 SPIN_SECONDS = 5.0
 
 
+_HAS_UNCANCEL = hasattr(asyncio.Task, "uncancel")  # 3.11+: `call_limited`'s watcher needs it
+
+
 @functools.lru_cache(maxsize=1024)
 def _coroutine_function(func: Any) -> bool:
     return inspect.iscoroutinefunction(func)
@@ -300,7 +303,7 @@ class Session:
         timeout = self.config.handler_timeout
         if timeout is None:
             return await self.call(fn, *args)
-        if not hasattr(asyncio.Task, "uncancel"):  # Python 3.10
+        if not _HAS_UNCANCEL:  # Python 3.10
             try:
                 return await asyncio.wait_for(self.call(fn, *args), timeout)
             except asyncio.TimeoutError:
