@@ -10,10 +10,8 @@ WebSocket clients; they are skipped when Ray is not installed (`pip install -e "
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,11 +22,10 @@ from server.engine import EngineTimeout, EngineUnavailable
 from server.engine.ray_vad import RayVAD, StreamState, VADReplica, pack_call, unpack_call
 from server.vad_engine import VADEngine
 from tests.audio_fixtures import load_wav
+from tests.ray_cluster import local_ray_cluster
 from tests.test_websocket_reply import speech_48k
 
-REPO = Path(__file__).resolve().parent.parent
 HOP = 4608  # 96 ms at 48 kHz: ReplyOnPause's hop
-NEED_RAY = "BATCHRTC_ENGINE=ray needs Ray Serve: pip install -e \".[ray]\""
 
 
 def chunks(x: np.ndarray, n: int) -> list[np.ndarray]:
@@ -134,24 +131,9 @@ async def test_a_front_end_bundles_its_streams_chunks_into_few_calls() -> None:
 # -- a real Ray cluster ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A local Ray cluster on this machine (2 CPUs), stopped at the end of the module. Its
-    workers (the Serve replicas) import this checkout: PYTHONPATH is set before it starts."""
-    ray = pytest.importorskip("ray", reason=NEED_RAY)
-    serve = pytest.importorskip("ray.serve", reason=NEED_RAY)
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), saved) if p)
-    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ctx.address_info["gcs_address"]
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            if saved is None:
-                os.environ.pop("PYTHONPATH", None)
-            else:
-                os.environ["PYTHONPATH"] = saved
+    """A local Ray cluster on this machine (2 CPUs), stopped at the end of the module."""
+    with local_ray_cluster() as address:
+        yield address
 
 
 @pytest.fixture(scope="module")

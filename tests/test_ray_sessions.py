@@ -16,15 +16,14 @@ import asyncio
 import os
 import signal
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from server.engine.ray_directory import SessionDirectory, SessionsClient, id_digest
+from server.engine.ray_directory import SessionDirectory, SessionsClient
+from tests.ray_cluster import local_ray_cluster
+from tests.waiting import wait_for
 
-REPO = Path(__file__).resolve().parent.parent
-NEED_RAY = "BATCHRTC_ENGINE=ray needs Ray Serve: pip install -e \".[ray]\""
 
 
 def direct(directory: SessionDirectory):
@@ -34,14 +33,6 @@ def direct(directory: SessionDirectory):
         return await getattr(directory, name)(*args)
 
     return invoke
-
-
-async def until(cond, timeout: float = 5.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        await asyncio.sleep(0.01)
 
 
 async def two_front_ends(lease_s: float = 10.0) -> tuple[SessionDirectory, SessionsClient, SessionsClient]:
@@ -61,11 +52,11 @@ async def test_the_limit_and_ids_hold_across_front_ends() -> None:
         assert await a.claim("s2", 2) is None
         assert await b.claim("s3", 2) == "concurrency_limit_reached"
         assert await b.claim("s1", 9) == "connection_already_exists"
-        await until(lambda: "s1" in b.remote_ids and "s2" in b.remote_ids, what="B learns A's ids")
+        await wait_for(lambda: "s1" in b.remote_ids and "s2" in b.remote_ids, timeout=5.0, every=0.01, what="B learns A's ids")
         assert "s1" not in a.remote_ids  # a front end's own ids are not "elsewhere"
         assert all(len(x) == 32 and "s1" not in x for x in b.remote_ids.digests)  # digests, never ids
         a.release("s1")
-        await until(lambda: "s1" not in b.remote_ids, what="B learns s1 ended")
+        await wait_for(lambda: "s1" not in b.remote_ids, timeout=5.0, every=0.01, what="B learns s1 ended")
         assert await b.claim("s3", 2) is None
         assert (await d.stats())["front_ends"] == {"A": 1, "B": 1}
     finally:
@@ -90,7 +81,7 @@ async def test_a_request_for_a_session_reaches_the_front_end_holding_it() -> Non
         assert await b.forward("set_input", "held-by-a", ("blue",)) == "ok"
         assert got == [("held-by-a", ("blue",))]
         b.forward_nowait("set_input", "held-by-a", ("green",))
-        await until(lambda: len(got) == 2, what="the fire-and-forget relay")
+        await wait_for(lambda: len(got) == 2, timeout=5.0, every=0.01, what="the fire-and-forget relay")
         assert got[1] == ("held-by-a", ("green",))
         with pytest.raises(LookupError):
             await b.forward("set_input", "nobody", ("x",))
@@ -115,7 +106,7 @@ async def test_a_front_end_that_stops_polling_loses_its_sessions_after_its_lease
             assert time.monotonic() - t0 < 0.6 + 0.5, "A's slots did not come back within its lease"
             await asyncio.sleep(0.05)
         assert time.monotonic() - t0 > 0.3  # not before the lease ran out
-        await until(lambda: "a1" not in b.remote_ids, what="B learns A's sessions ended")
+        await wait_for(lambda: "a1" not in b.remote_ids, timeout=5.0, every=0.01, what="B learns A's sessions ended")
         assert d.expired == 1
         # A comes back (a long pause, not a death): it rejoins and claims what is still free.
         await a._poll_once(0.0)
@@ -152,27 +143,13 @@ LIMIT = 2
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray cluster (2 CPUs, loopback), the VAD deployment on it, stopped at the end of
-    the module. Its workers import this checkout: PYTHONPATH is set before it starts."""
-    ray = pytest.importorskip("ray", reason=NEED_RAY)
-    serve = pytest.importorskip("ray.serve", reason=NEED_RAY)
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), saved) if p)
-    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    the module."""
+    with local_ray_cluster() as address:
         from server.config import load_settings
         from server.engine.ray_app import connect
 
         handle = connect(load_settings())  # deployed once here, not raced by two front ends
-        yield ctx.address_info["gcs_address"], handle
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            if saved is None:
-                os.environ.pop("PYTHONPATH", None)
-            else:
-                os.environ["PYTHONPATH"] = saved
+        yield address, handle
 
 
 def front_end(address: str, name: str):

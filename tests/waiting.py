@@ -10,9 +10,11 @@ from typing import Any
 __all__ = ["wait_for"]
 
 
-async def wait_for(cond: Callable[[], Any], timeout: float = 20.0, every: float = 0.05) -> None:
+async def wait_for(cond: Callable[[], Any], timeout: float = 20.0, every: float = 0.05,
+                   what: str = "") -> None:
     """Return once ``cond()`` (which may return an awaitable) is truthy; raise
-    ``AssertionError`` after ``timeout`` seconds. A generous default: it only delays failures."""
+    ``AssertionError`` (naming ``what``) after ``timeout`` seconds. A generous default: it
+    only delays failures."""
     deadline = time.monotonic() + timeout
     while True:
         res = cond()
@@ -21,5 +23,5 @@ async def wait_for(cond: Callable[[], Any], timeout: float = 20.0, every: float 
         if res:
             return
         if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
+            raise AssertionError(f"not within {timeout:g} s: {what}" if what else "condition not met in time")
         await asyncio.sleep(every)
