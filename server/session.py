@@ -67,12 +67,7 @@ def _is_coroutine_function(fn: Callable[..., Any]) -> bool:
     """`inspect.iscoroutinefunction`, cached per function: asked for every media frame of a
     handler's bound `receive` (a new bound-method object each time, the same function)."""
     func = getattr(fn, "__func__", None)
-    if func is None:
-        return inspect.iscoroutinefunction(fn)
-    try:
-        return _coroutine_function(func)
-    except TypeError:  # unhashable
-        return inspect.iscoroutinefunction(fn)
+    return inspect.iscoroutinefunction(fn) if func is None else _coroutine_function(func)
 
 
 class SessionState(enum.Enum):
