@@ -199,8 +199,6 @@ def _reference_pause_frames(frames: list[np.ndarray], vad: str = "engine") -> li
         for i, fr in enumerate(frames):
             before = h.replies_started
             await h.receive((INPUT_RATE, fr.reshape(1, -1)))
-            if hasattr(h, "wait_idle"):
-                await h.wait_idle()
             if h.replies_started != before:
                 hits.append(i)
         h.shutdown()

@@ -39,12 +39,6 @@ LAYOUTS = ("mono", "stereo")
 # How long a turn waits for `set_input` values after asking for them (`send_input`); FastRTC
 # waits forever, which leaves a session whose client never answers stuck without a word.
 ARGS_TIMEOUT_S = 10.0
-# Sliding window: audio received while a check's VAD call is in flight waits for the next
-# check (one call then judges all of it), so `receive` never waits for the VAD and a session
-# never falls behind real time when the VAD answers slowly. Past this much audio waiting,
-# `receive` waits for the check under way: memory stays bounded and a stuck VAD still meets
-# the stream's `handler_timeout`.
-MAX_UNJUDGED_S = 2.0
 # Outside a turn, audio that never reaches this int16 peak (-66 dBFS: digital silence, a muted
 # microphone; a quiet room's noise floor is louder) skips the VAD (see `_silent`).
 SILENT_PEAK = 16
@@ -189,11 +183,6 @@ class ReplyOnPause(AsyncStreamHandler):
         self._reply: asyncio.Task | None = None
         self.replies_started = 0
         self._shut_down = False
-        # Sliding window: the task checking audio (see `_intake`), the audio its VAD call is
-        # judging, and what it raised (for the next `receive`).
-        self._checker: asyncio.Task | None = None
-        self._checking: np.ndarray | None = None
-        self._check_error: Exception | None = None
 
     def _init_kwargs(self) -> dict[str, Any]:
         """The constructor arguments each connection's copy is made with (subclasses add
@@ -244,92 +233,29 @@ class ReplyOnPause(AsyncStreamHandler):
         st = self._state  # after a reset: the first frame belongs to the new state
         st.buffer.append(audio)
         st.buffered += audio.shape[-1]
-        if self.algo_options.pause_window == "sliding" and self.model is None:
-            await self._intake(sr)
-            return
-        if st.buffered < self.algo_options.audio_chunk_duration * sr:
-            return
-        chunk = np.concatenate(st.buffer, axis=-1)
-        st.buffer, st.buffered = [], 0
-        await self._on_chunk(sr, chunk)
-
-    async def _intake(self, sr: int) -> None:
-        """Sliding window: start a check if none is under way (it runs on its own task), else
-        leave the audio to the check under way, which takes it when its VAD call returns."""
-        if self._check_error is not None:
-            e, self._check_error = self._check_error, None
-            raise e
-        checker = self._checker
-        if checker is None:
-            piece = self._next_piece()
-            if piece is not None:
-                self._checker = asyncio.create_task(self._check_loop(sr, piece))
-            return
-        st = self._state
-        if (st.buffered + st.held_len) > MAX_UNJUDGED_S * sr:
-            await asyncio.shield(checker)  # backpressure: the client waits, not our memory
-
-    def _next_piece(self) -> tuple[np.ndarray, list[int]] | None:
-        """The audio for the next check and where in it the rule is checked (the hops it
-        holds), or None while there is not a hop's worth (or only audio in which no pause can
-        be decided: it is held for a later check)."""
-        st = self._state
         algo = self.algo_options
-        # Before a turn only its start is looked for, which may come a chunk late (the
-        # window's audio is kept and becomes the utterance's start): tumbling's pace.
-        hop = (algo.sliding_hop_s if st.started_talking else algo.audio_chunk_duration) * st.sample_rate
-        if st.buffered < hop:
-            return None
-        if st.started_talking and st.held_len + st.buffered <= st.quiet_samples:
+        sliding = algo.pause_window == "sliding" and self.model is None
+        if sliding:
+            # Before a turn only its start is looked for, which may come a chunk late (the
+            # window's audio is kept and becomes the utterance's start): tumbling's pace.
+            hop = algo.sliding_hop_s if st.started_talking else algo.audio_chunk_duration
+        else:
+            hop = algo.audio_chunk_duration
+        if st.buffered < hop * sr:
+            return
+        if sliding and st.started_talking and st.held_len + st.buffered <= st.quiet_samples:
             st.held += st.buffer  # no pause can be decided here: check at a later hop
             st.held_len += st.buffered
             st.buffer, st.buffered = [], 0
-            return None
-        # Where a check one frame at a time would have checked: each hop's worth of frames,
-        # past the quiet samples (frames that came while the last check ran arrive together).
-        cuts = []
-        at, since = st.held_len, 0
-        for frame in st.buffer:
-            at += frame.shape[-1]
-            since += frame.shape[-1]
-            if since >= hop:
-                since = 0
-                if at > st.quiet_samples:
-                    cuts.append(at)
+            return
         chunk = np.concatenate(st.held + st.buffer, axis=-1)
         st.held, st.held_len, st.buffer, st.buffered = [], 0, [], 0
-        return chunk, cuts
-
-    async def _check_loop(self, sr: int, piece: tuple[np.ndarray, list[int]] | None) -> None:
-        """Checks `piece`, then until no hop's worth of audio waits: what arrived during one
-        check's VAD call is judged by the next, in one call."""
-        me = asyncio.current_task()
-        try:
-            while piece is not None and not self._shut_down:
-                await self._on_hop(sr, *piece)
-                piece = self._next_piece()
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # raised to the session by the next `receive`
-            self._check_error = e
-        finally:
-            if self._checker is me:
-                self._checker = None
-
-    async def wait_idle(self) -> None:
-        """Wait until the audio received so far has been checked (sliding window), and raise
-        what a check raised. `receive` does not wait for the VAD; an offline replay that
-        wants each frame judged before the next (tests, benchmarks) awaits this after it."""
-        while self._checker is not None:
-            await asyncio.wait({self._checker})
-        if self._check_error is not None:
-            e, self._check_error = self._check_error, None
-            raise e
+        if sliding:
+            await self._on_hop(sr, chunk)
+        else:
+            await self._on_chunk(sr, chunk)
 
     def _reset_vad(self, sr: int) -> None:
-        if self._checker is not None:  # its audio belongs to the old rate: not judged
-            self._checker.cancel()
-            self._checker = None
         if self._vad is not None:
             self._vad.close()
             self._vad = None
@@ -389,112 +315,62 @@ class ReplyOnPause(AsyncStreamHandler):
         st.silent_16k -= n * WINDOW
         return np.zeros(n, dtype=np.float32)
 
-    async def _on_hop(self, sr: int, piece: np.ndarray, cuts: list[int] | None = None) -> None:
-        """Sliding window: FastRTC's rule on the last `sliding_window_s` of audio, checked at
-        the end of `piece` and at each of `cuts` (sample offsets into it: the hops that came
-        in while the previous check's VAD call ran, see `_next_piece`)."""
+    async def _on_hop(self, sr: int, piece: np.ndarray) -> None:
+        """Sliding window: FastRTC's rule on the last `sliding_window_s` of audio."""
         st = self._state
+        algo = self.algo_options
         assert self._vad is not None
         mono = to_mono(piece)
         probs = self._silent(sr, mono)
         try:
             if probs is None:
-                self._checking = piece  # `trigger_response` meanwhile: part of its utterance
                 probs = await self._vad.process(mono)
         except (EngineUnavailable, EngineTimeout) as e:
             logger.warning("ReplyOnPause: audio was not judged: %s", e)
             probs = np.zeros(0, dtype=np.float32)  # keep the audio, decide on the next hop
-        finally:
-            self._checking = None
-        if self._state is not st or self._shut_down:  # reset or ended while the VAD ran
+        if self._state is not st:  # the session reset while the VAD ran
             return
-        n, m = piece.shape[-1], probs.size
-        if m == 0:
-            self._keep(piece, sr)
-            return  # no new window, no new decision
-        window = self._span_windows()
-        per_window = WINDOW * sr / VAD_RATE
-        fed_s = fed_w = 0
-        checked_s = 0  # the last check, as a sample offset into the piece
-        quiet = st.quiet_samples
-        for cut in sorted({*(c for c in (cuts or ()) if 0 < c < n), n}):
-            # The windows this cut's audio completes (the VAD's pending samples make this
-            # exact only at the end of the piece; a window earlier or later elsewhere).
-            upto = m if cut == n else min(m, max(0, m - int((n - cut) / per_window + 0.5)))
-            if upto <= fed_w and cut < n:
-                continue
-            st.probs.extend(probs[fed_w:upto].tolist())
-            while len(st.probs) > window:
-                st.probs.popleft()
-            self._keep(piece[..., fed_s:cut], sr)
-            fed_s, fed_w = cut, upto
-            if st.started_talking and cut - checked_s <= quiet:
-                continue  # inside the quiet windows of the last check: no pause can come here
-            checked_s = cut
-            if await self._check(sr, window):
-                self._keep(piece[..., cut:], sr)  # the turn ended: the rest is the next's
-                st.probs.extend(probs[upto:].tolist())
-                while len(st.probs) > window:
-                    st.probs.popleft()
-                return
-            quiet = st.quiet_samples
-        st.quiet_samples = max(0, quiet - (n - checked_s))
-
-    def _span(self) -> float:
-        """The sliding window's length in seconds."""
-        algo = self.algo_options
-        return algo.sliding_window_s or algo.audio_chunk_duration * 4 / 3
-
-    def _span_windows(self) -> int:
-        """The sliding window's length in VAD windows."""
-        return max(1, round(self._span() * VAD_RATE / WINDOW))
-
-    def _keep(self, audio: np.ndarray, sr: int) -> None:
-        """Audio that has been to the VAD: the utterance's during a turn, else the recent
-        audio (the window's span), which becomes the start of the next turn."""
-        st = self._state
-        n = audio.shape[-1]
-        if n == 0:
-            return
+        span = algo.sliding_window_s or algo.audio_chunk_duration * 4 / 3
+        window = max(1, round(span * VAD_RATE / WINDOW))
+        st.probs.extend(probs.tolist())
+        while len(st.probs) > window:
+            st.probs.popleft()
+        n = piece.shape[-1]
         if st.started_talking:
-            st.utterance.append(audio)
+            st.utterance.append(piece)
             st.utterance_len += n
-            return
-        st.recent.append(audio)
-        st.recent_len += n
-        keep = self._span() * sr
-        while st.recent and st.recent_len - st.recent[0].shape[-1] >= keep:
-            st.recent_len -= st.recent.popleft().shape[-1]
-
-    async def _check(self, sr: int, window: int) -> bool:
-        """The rule on the window as it stands. True when a turn ended here."""
-        st = self._state
-        algo = self.algo_options
+        else:
+            st.recent.append(piece)
+            st.recent_len += n
+            keep = span * sr
+            while st.recent and st.recent_len - st.recent[0].shape[-1] >= keep:
+                st.recent_len -= st.recent.popleft().shape[-1]
+        if probs.size == 0:
+            return  # no new window, no new decision
         if not st.started_talking:
             if max(st.probs) < self.model_options.threshold:
-                return False  # no window above the threshold: no speech (and no segment logic)
+                return  # no window above the threshold: no speech (and no segment logic)
             if speech_seconds(np.asarray(st.probs), self.model_options) <= algo.started_talking_threshold:
-                return False
+                return
             st.started_talking = True
             st.quiet_samples = 0
             st.utterance, st.utterance_len = list(st.recent), st.recent_len
             st.recent.clear()
             st.recent_len = 0
             await self.send_message(create_message("log", "started_talking"))
-            return False
+            return
         if st.utterance_len / sr >= algo.max_continuous_speech_s:
             await self._pause(sr)
-            return True
+            return
         probs_now = np.asarray(st.probs)
         if self._decides_pause(probs_now, window):
             await self._pause(sr)
-            return True
+            return
         # Skip the checks at the hops whose audio ends inside the quiet windows; the hops
         # checked are the ones checked without skipping, so the same pauses are found at the
         # same times. (One window fewer: the VAD may hold up to a window's samples pending.)
         quiet = max(0, self._quiet_windows(probs_now) - 1)
         st.quiet_samples = quiet * WINDOW * sr // VAD_RATE
-        return False
 
     def _decides_pause(self, probs: np.ndarray, window: int) -> bool:
         return self._holds_pause(probs) or (
@@ -632,8 +508,7 @@ class ReplyOnPause(AsyncStreamHandler):
         st = self._state
         sr = st.sample_rate or self.input_sample_rate
         channels = 2 if self.expected_layout == "stereo" else 1
-        checking = [] if self._checking is None else [self._checking]
-        parts = [*st.utterance, *checking, *st.held, *st.buffer] if st.started_talking else []
+        parts = [*st.utterance, *st.held, *st.buffer] if st.started_talking else []
         utterance = (np.concatenate(parts, axis=-1).reshape(channels, -1) if parts
                      else np.zeros((channels, 0), dtype=np.int16))
         # A fresh turn state (FastRTC: `state.new()`); the VAD stream's own state carries on.
@@ -695,12 +570,6 @@ class ReplyOnPause(AsyncStreamHandler):
                 call_on_loop(self._loop, self._reply.cancel)
             else:
                 self._reply.cancel()
-        checker = self._checker
-        if checker is not None:
-            if self._loop is not None:
-                call_on_loop(self._loop, checker.cancel)
-            else:
-                checker.cancel()
         if self._vad is not None:
             self._vad.close()
             self._vad = None

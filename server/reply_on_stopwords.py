@@ -114,9 +114,9 @@ class ReplyOnStopWords(ReplyOnPause):
 
     # ReplyOnPause hands each hop (sliding) or chunk (tumbling) here; until a stop word is
     # heard, audio is listened to instead of judged for turns.
-    async def _on_hop(self, sr: int, piece: np.ndarray, cuts: list[int] | None = None) -> None:
+    async def _on_hop(self, sr: int, piece: np.ndarray) -> None:
         if self.heard_stop_word:
-            await super()._on_hop(sr, piece, cuts)
+            await super()._on_hop(sr, piece)
         else:
             await self._listen(sr, piece)
 
