@@ -9,6 +9,9 @@
   releases the GIL: pure CPU work): one thread per CPU core, as more cannot run at once.
 - `batcher-NAME` (`batching.DynamicBatcher`): one thread per batcher, so a stateful model's
   batches run strictly one after another.
+- `rtc-config-N` (`config_executor()`, process-wide, 4 threads): an app's sync
+  `server_rtc_configuration` callable, once per offer. It may call a TURN provider's API; one
+  that hangs holds these threads, never the default executor's.
 - asyncio's default executor: short blocking setup work (loading a model at start, building
   the `/ui`), never per-frame work.
 """
@@ -20,7 +23,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 _media: ThreadPoolExecutor | None = None
+_config: ThreadPoolExecutor | None = None
 _lock = threading.Lock()
+CONFIG_THREADS = 4
 
 
 def media_threads() -> int:
@@ -37,3 +42,11 @@ def media_executor() -> ThreadPoolExecutor:
         if _media is None:
             _media = ThreadPoolExecutor(max_workers=media_threads(), thread_name_prefix="media")
         return _media
+
+
+def config_executor() -> ThreadPoolExecutor:
+    global _config
+    with _lock:
+        if _config is None:
+            _config = ThreadPoolExecutor(max_workers=CONFIG_THREADS, thread_name_prefix="rtc-config")
+        return _config

@@ -9,13 +9,40 @@ offer.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiortc import RTCConfiguration, RTCIceServer
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
 POLICIES = {p.value: p for p in RTCIceTransportPolicy}  # "all", "relay"
+# How long a connection waits for an app's `rtc_configuration` / `server_rtc_configuration`
+# callable (a TURN provider's API that hangs must not hang the offer or the page).
+RTC_CONFIG_TIMEOUT_S = 10.0
+
+
+async def call_rtc_configuration(fn: Callable[[], Any], timeout_s: float | None = None) -> Any:
+    """What an app's configuration callable returns (sync or async, no arguments). A sync one
+    runs on `config_executor()`'s threads, so one that hangs never holds the default
+    executor's. Raises TimeoutError after `timeout_s` (default RTC_CONFIG_TIMEOUT_S)."""
+    from .executors import config_executor
+
+    async def call() -> Any:
+        if inspect.iscoroutinefunction(fn):
+            value = fn()
+        else:
+            value = await asyncio.get_running_loop().run_in_executor(config_executor(), fn)
+        if inspect.isawaitable(value):
+            value = await value
+        return value
+
+    limit = RTC_CONFIG_TIMEOUT_S if timeout_s is None else timeout_s
+    try:
+        return await asyncio.wait_for(call(), limit)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"no answer within {limit:g} s") from None
 
 
 def _server(i: int, entry: Any) -> RTCIceServer:

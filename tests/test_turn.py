@@ -379,6 +379,47 @@ async def test_a_failing_server_rtc_configuration_callable_fails_only_that_offer
     assert stream.active_sessions == 0
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_server_rtc_configuration_callable_that_never_answers_fails_only_that_offer(serve, monkeypatch, kind):
+    # A provider's API that hangs: the offer fails with a clear error after the timeout, its
+    # slot comes back, and the next offer (the provider answering again) connects.
+    import threading
+
+    import server.frontends.webrtc.offer as offer
+
+    monkeypatch.setattr(offer, "ICE_CONFIG_TIMEOUT_S", 0.5)
+    release = threading.Event()
+    hang = [True]
+
+    def sync_config() -> dict:
+        if hang[0]:
+            release.wait(30)
+        return {"iceServers": []}
+
+    async def async_config() -> dict:
+        if hang[0]:
+            await asyncio.Event().wait()
+        return {"iceServers": []}
+
+    config = sync_config if kind == "sync" else async_config
+    stream = Stream(Echo(), modality="audio", concurrency_limit=1, server_rtc_configuration=config)
+    server = serve(stream)
+    try:
+        client, answer = await connect(server.http, "hung", audio=AudioSource(tone()), recv_audio=True)
+        await client.close()
+        assert answer["_status"] == 500 and answer["meta"]["error"] == "negotiation_failed", answer
+        assert "no answer within 0.5 s" in answer["meta"]["detail"]
+        assert stream.active_sessions == 0
+        hang[0] = False
+        client, answer = await connect(server.http, "next", audio=AudioSource(tone()), recv_audio=True)
+        try:
+            assert answer.get("type") == "answer", answer
+        finally:
+            await client.close()
+    finally:
+        release.set()
+
+
 async def _page_rtc_configuration(base: str) -> dict:
     """What the /ui page gets when it asks for its RTCConfiguration (Gradio's HTTP API, as the
     page's script does: the `rtc_configuration` server function of the panel)."""
@@ -508,3 +549,35 @@ async def test_a_webrtc_session_connects_through_coturn_with_relay_candidates_on
             break
         await asyncio.sleep(0.1)
     assert min(relayed.get("client", 0), relayed.get("server", 0)) >= 50, relayed
+
+
+async def test_a_hung_page_rtc_configuration_callable_times_out_on_its_own_threads():
+    # The /ui page's `rtc_configuration` goes through the same call as the offer's: a sync
+    # callable runs on the rtc-config threads (never the loop's default executor) and one
+    # that hangs is given up on.
+    import threading
+
+    from server.ice_servers import call_rtc_configuration
+
+    release = threading.Event()
+    ran_on: list[str] = []
+
+    def hung() -> dict:
+        ran_on.append(threading.current_thread().name)
+        release.wait(30)
+        return {}
+
+    try:
+        with pytest.raises(TimeoutError, match="no answer within 0.2 s"):
+            await call_rtc_configuration(hung, 0.2)
+        assert ran_on and ran_on[0].startswith("rtc-config")
+        assert await call_rtc_configuration(lambda: {"iceServers": []}, 5) == {"iceServers": []}
+
+        async def also_hung() -> dict:
+            await asyncio.Event().wait()
+            return {}
+
+        with pytest.raises(TimeoutError):
+            await call_rtc_configuration(also_hung, 0.2)
+    finally:
+        release.set()

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..ice_servers import call_rtc_configuration
+
 if TYPE_CHECKING:
     from fastapi.responses import JSONResponse
 
@@ -697,18 +699,12 @@ def _bridge(gr: Any, server_functions: list[Any], common: dict[str, Any]) -> dic
 def _rtc_configuration_fn(stream: StreamConfig) -> Any:
     """`rtc_configuration` given as a callable (FastRTC allows sync or async, no arguments):
     called for each connection from the page through a Gradio server function (async: Gradio
-    awaits it on the server's loop; a sync one runs on a worker thread)."""
+    awaits it on the server's loop; a sync one runs on a worker thread), at most
+    RTC_CONFIG_TIMEOUT_S."""
 
     async def rtc_configuration(_data: Any = None) -> Any:
         fn = stream.rtc_configuration
-        if inspect.iscoroutinefunction(fn):
-            result = await fn()
-        elif callable(fn):
-            result = await asyncio.get_running_loop().run_in_executor(None, fn)
-        else:
-            result = fn
-        if inspect.isawaitable(result):
-            result = await result
+        result = await call_rtc_configuration(fn) if callable(fn) else fn
         return json.loads(json.dumps(result)) if result is not None else None
 
     return rtc_configuration
