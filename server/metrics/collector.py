@@ -16,16 +16,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.gc_collector import GCCollector
-from prometheus_client.platform_collector import PlatformCollector
-from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -316,14 +312,3 @@ def _size_buckets(hist: dict[int, int], max_batch: int) -> tuple[list[tuple[str,
         out.append((floatToGoString(bound), float(sum(v for k, v in items if k <= bound))))
     out.append(("+Inf", float(sum(v for _, v in items))))
     return out, float(sum(k * v for k, v in items))
-
-
-# -- routes ----------------------------------------------------------------------------------
-def build_registry(sources: MetricsSources) -> CollectorRegistry:
-    """A fresh registry with this stream's collector plus process/platform/GC metrics."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(StreamCollector(sources))
-    ProcessCollector(registry=registry)
-    PlatformCollector(registry=registry)
-    GCCollector(registry=registry)
-    return registry
