@@ -513,9 +513,11 @@ async def _worker_async(conn: Any, job: WorkerJob) -> None:
 
 # =========================================================================== measurement
 class _Sampler(threading.Thread):
-    """Polls server/worker CPU times and server RSS (psutil) until stopped."""
+    """Polls server/worker CPU times and server RSS (psutil) until stopped; also the CPU and
+    RSS of `engine_pids`, processes outside the server's tree that serve it (a Ray replica)."""
 
-    def __init__(self, server_pid: int, worker_pids: list[int], period_s: float = 0.2) -> None:
+    def __init__(self, server_pid: int, worker_pids: list[int], period_s: float = 0.2,
+                 engine_pids: tuple[int, ...] = ()) -> None:
         super().__init__(daemon=True, name="bench-sampler")
         import psutil
 
@@ -525,11 +527,17 @@ class _Sampler(threading.Thread):
         for pid in worker_pids:
             with contextlib.suppress(psutil.Error):
                 self.workers.append(psutil.Process(pid))
+        self.engines = []
+        for pid in engine_pids:
+            with contextlib.suppress(psutil.Error):
+                self.engines.append(psutil.Process(pid))
         self.period_s = period_s
-        self.samples: list[tuple[float, float, float, float, float]] = []  # t, srv cpu, rss, workers cpu, sys busy
+        # t, srv cpu, rss, workers cpu, sys busy, engines cpu, engines rss
+        self.samples: list[tuple[float, float, float, float, float, float, float]] = []
         self._halt = threading.Event()
         self._last_worker_cpu: dict[int, float] = {}
         self._last_tree_cpu: dict[int, float] = {}
+        self._last_engine: dict[int, tuple[float, float]] = {}
 
     def _sample(self) -> None:
         ps = self.psutil
@@ -557,9 +565,17 @@ class _Sampler(threading.Thread):
             except ps.Error:
                 pass
             wsum += self._last_worker_cpu.get(w.pid, 0.0)
+        for e in self.engines:
+            try:
+                et = e.cpu_times()
+                self._last_engine[e.pid] = (et.user + et.system, float(e.memory_info().rss))
+            except ps.Error:
+                pass
+        ecpu = sum(c for c, _ in self._last_engine.values())
+        erss = sum(r for _, r in self._last_engine.values())
         st = ps.cpu_times()
         busy = st.user + st.system + getattr(st, "irq", 0.0) + getattr(st, "softirq", 0.0) + getattr(st, "nice", 0.0)
-        self.samples.append((t, srv, float(rss), wsum, busy))
+        self.samples.append((t, srv, float(rss), wsum, busy, ecpu, erss))
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -576,7 +592,8 @@ class _Sampler(threading.Thread):
         if len(s) < 2:
             s = self.samples[:]  # too short a window: use the whole step
         if len(s) < 2:
-            return {"server_cpu_pct": None, "client_cpu_pct": None, "system_cpu_pct": None, "window_s": 0.0}
+            return {"server_cpu_pct": None, "client_cpu_pct": None, "system_cpu_pct": None,
+                    "engine_cpu_pct": None, "window_s": 0.0}
         dt = s[-1][0] - s[0][0]
         ncpu = self.psutil.cpu_count() or 1
         return {
@@ -584,11 +601,15 @@ class _Sampler(threading.Thread):
             "client_cpu_pct": 100.0 * (s[-1][3] - s[0][3]) / dt,
             # whole machine, % of ONE core as well (max = 100 * cores)
             "system_cpu_pct": 100.0 * (s[-1][4] - s[0][4]) / dt if ncpu else None,
+            "engine_cpu_pct": 100.0 * (s[-1][5] - s[0][5]) / dt if self.engines else None,
             "window_s": dt,
         }
 
     def peak_rss_mb(self) -> float | None:
         return max((x[2] for x in self.samples), default=0.0) / 2**20 or None
+
+    def peak_engine_rss_mb(self) -> float | None:
+        return max((x[6] for x in self.samples), default=0.0) / 2**20 or None
 
 
 @dataclass
@@ -626,6 +647,9 @@ class StepResult:
     cpu_window_s: float = 0.0
     server_rss_mb: float | None = None
     server_rss_end_mb: float | None = None
+    # processes outside the server's tree that serve it (`run_step`'s engine_pids): CPU, peak RSS
+    engine_cpu_pct: float | None = None
+    engine_rss_mb: float | None = None
     client_procs: int = 1
     client_send_lag_ms: dict[str, float | None] = field(default_factory=dict)
     server_log_warnings: int = 0
@@ -701,9 +725,12 @@ def _diff_hist(before: dict | None, after: dict | None) -> dict | None:
 
 
 def run_step(
-    server: ServerProcess, n: int, workloads: list[Workload], opts: StepOptions | None = None
+    server: ServerProcess, n: int, workloads: list[Workload], opts: StepOptions | None = None,
+    engine_pids: tuple[int, ...] = (),
 ) -> StepResult:
-    """N concurrent sessions against a running server; returns the raw + summary numbers."""
+    """N concurrent sessions against a running server; returns the raw + summary numbers.
+    `engine_pids`: processes outside the server's tree that serve it (a Ray Serve replica),
+    measured apart (`engine_cpu_pct`, `engine_rss_mb`)."""
     opts = opts or StepOptions()
     if n < 1:
         raise ValueError("n must be >= 1")
@@ -746,7 +773,7 @@ def run_step(
                 raise RuntimeError(f"client worker failed before streaming:\n{info}")
             infos.append(info)
         res.connected = sum(i["connected"] for i in infos)
-        sampler = _Sampler(server.proc.pid, [p.pid for p in procs])
+        sampler = _Sampler(server.proc.pid, [p.pid for p in procs], engine_pids=engine_pids)
         sampler.start()
         t0 = time.monotonic() + 0.5
         for c in conns:
@@ -766,6 +793,8 @@ def run_step(
         res.server_cpu_pct = win["server_cpu_pct"]
         res.client_cpu_pct = win["client_cpu_pct"]
         res.system_cpu_pct = win["system_cpu_pct"]
+        res.engine_cpu_pct = win["engine_cpu_pct"]
+        res.engine_rss_mb = sampler.peak_engine_rss_mb()
         res.cpu_window_s = win["window_s"]
         res.server_rss_mb = sampler.peak_rss_mb()
         res.server_rss_end_mb = sampler.samples[-1][2] / 2**20 if sampler.samples else None

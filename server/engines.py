@@ -150,6 +150,13 @@ class EngineRegistry:
             out.append((b.name if names[b.name] == 1 else f"{b.name}#{names[b.name]}", b))
         return out
 
+    def replica_stats(self, timeout_s: float) -> list[Any] | None:
+        """With BATCHRTC_ENGINE=ray: every engine replica's `stats()` (or the exception its call
+        raised), waiting at most `timeout_s` (blocking: call it off the event loop). None in the
+        other modes, or before the Ray engine is connected."""
+        engine = self.ray
+        return None if engine is None else engine.replica_stats(timeout_s)
+
     def runner(self) -> tuple[str, ProcessRunner] | None:
         """The batched handler's worker process, once it exists."""
         if self.batched is None or self.batched.runner is None:

@@ -368,6 +368,119 @@ def test_batchers_are_reported_explicitly_never_found_by_walking_objects():
     assert has(s, "batchrtc_batcher_up", batcher="custom") and has(s, "batchrtc_batcher_up", batcher="custom#2")
 
 
+# -- the Ray engine's replicas (BATCHRTC_ENGINE=ray), without Ray --------------------------------
+async def replica_with_work(n_streams: int, chunks: int):
+    """A real `VADReplica` (the core of a Serve replica: its own engine and batcher), fed real
+    carried-state calls in this process."""
+    from server.engine.ray_vad import RayVAD, VADReplica
+
+    replica = VADReplica(device="cpu", capacity=64)
+    vad = RayVAD(replica.process)
+    streams = [vad.open_stream(48000) for _ in range(n_streams)]
+    x = noise_48k(0.1 * chunks, n_streams)
+    for i in range(chunks):
+        await asyncio.gather(*(s.process(x[i * 4800:(i + 1) * 4800]) for s in streams))
+    await vad.close()
+    return replica
+
+
+def replica_registry(fetch, **kw):
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry(auto_describe=False)
+    collector = m.ReplicaCollector(fetch, **kw)
+    registry.register(collector)
+    return registry, collector
+
+
+async def test_replica_batchers_are_reported_per_replica_and_fetched_once_per_ttl():
+    """Each replica's batcher under `batchrtc_replica_batcher_*{replica=...}` (the same
+    families as a local batcher), its calls and items, and the fetch cached for ttl_s."""
+    r1 = await replica_with_work(3, 4)  # 12 chunks
+    r2 = await replica_with_work(2, 2)  # 4 chunks
+    try:
+        now = [100.0]
+        asked: list[float] = []
+
+        def fetch(timeout_s: float):
+            asked.append(timeout_s)
+            return [{**r1.stats(), "replica": "r1", "application": "batchrtc", "deployment": "silero_vad", "pid": 11},
+                    {**r2.stats(), "replica": "r2", "application": "batchrtc", "deployment": "silero_vad", "pid": 22}]
+
+        registry, _ = replica_registry(fetch, ttl_s=1.0, timeout_s=0.5, clock=lambda: now[0])
+        s, families = parse(generate_latest(registry).decode())
+        assert asked == [0.5]  # the collector's timeout reaches the fetch
+        assert val(s, "batchrtc_replica_stats_up") == 1 and val(s, "batchrtc_replicas_answering") == 2
+        assert val(s, "batchrtc_replica_info", replica="r2", application="batchrtc", deployment="silero_vad", pid="22") == 1
+        for rid, rep, n in (("r1", r1, 12), ("r2", r2, 4)):
+            snap = rep.engine.batcher.stats.snapshot()
+            assert val(s, "batchrtc_replica_items_total", replica=rid) == n
+            assert val(s, "batchrtc_replica_calls_total", replica=rid) == rep.calls > 0
+            assert val(s, "batchrtc_replica_batcher_items_completed_total", replica=rid) == n == snap["completed"]
+            assert val(s, "batchrtc_replica_batcher_batch_size_count", replica=rid) == snap["batches"] >= 1
+            assert val(s, "batchrtc_replica_batcher_batch_size_sum", replica=rid) == n
+            assert val(s, "batchrtc_replica_batcher_batch_size_bucket", replica=rid, le="+Inf") == snap["batches"]
+            assert val(s, "batchrtc_replica_batcher_up", replica=rid) == 1
+            assert val(s, "batchrtc_replica_batcher_max_batch_size", replica=rid) == rep.engine.batcher.max_batch_size
+            assert val(s, "batchrtc_replica_batcher_run_seconds", replica=rid, quantile="0.5") > 0
+        assert val(s, "batchrtc_replica_stats_failures_total", reason="timeout") == 0
+        # Within ttl_s a scrape shows the cached fetch; after it, a new one.
+        now[0] += 0.5
+        s, _ = parse(generate_latest(registry).decode())
+        assert len(asked) == 1 and val(s, "batchrtc_replica_stats_age_seconds") == 0.5
+        now[0] += 0.6
+        generate_latest(registry)
+        assert len(asked) == 2
+    finally:
+        r1.engine.close()
+        r2.engine.close()
+
+
+async def test_a_failed_replica_stats_fetch_is_a_metric_not_a_failed_scrape(caplog):
+    r1 = await replica_with_work(1, 2)
+    try:
+        now = [0.0]
+        answer: list = []
+
+        def fetch(timeout_s: float):
+            if isinstance(answer[0], BaseException):
+                raise answer[0]
+            return answer[0]
+
+        registry, _ = replica_registry(fetch, ttl_s=1.0, clock=lambda: now[0])
+
+        def scrape_at(t: float, result) -> Samples:
+            now[0] = t
+            answer[:] = [result]
+            return parse(generate_latest(registry).decode())[0]
+
+        with caplog.at_level(logging.WARNING, logger="server.metrics.replicas"):
+            s = scrape_at(0.0, TimeoutError("Timed out waiting for broadcast results."))
+        assert "could not be fetched" in caplog.text
+        assert val(s, "batchrtc_replica_stats_up") == 0 and val(s, "batchrtc_replicas_answering") == 0
+        assert val(s, "batchrtc_replica_stats_failures_total", reason="timeout") == 1
+        assert not any(k[0].startswith("batchrtc_replica_batcher_") for k in s)  # nothing stale is shown
+        s = scrape_at(0.5, [])  # cached: the failure is counted once, not per scrape
+        assert val(s, "batchrtc_replica_stats_failures_total", reason="timeout") == 1
+        s = scrape_at(2.0, RuntimeError("Deployment(name='silero_vad', app='batchrtc')"))
+        assert val(s, "batchrtc_replica_stats_failures_total", reason="error") == 1
+        # One replica answers, one's call failed (its actor died): the one is shown, up is 0.
+        s = scrape_at(4.0, [{**r1.stats(), "replica": "alive"}, RuntimeError("ActorDiedError")])
+        assert val(s, "batchrtc_replica_stats_up") == 0 and val(s, "batchrtc_replicas_answering") == 1
+        assert val(s, "batchrtc_replica_stats_failures_total", reason="replica") == 1
+        assert val(s, "batchrtc_replica_batcher_items_completed_total", replica="alive") == 2
+        s = scrape_at(6.0, [{**r1.stats(), "replica": "alive"}])
+        assert val(s, "batchrtc_replica_stats_up") == 1
+        # No Ray engine (fetch says None): no replica families at all.
+        s = scrape_at(8.0, None)
+        assert not any(k[0].startswith("batchrtc_replica") for k in s)
+    finally:
+        r1.engine.close()
+    # A stream served locally reports no replica families (its EngineRegistry has no Ray engine).
+    s, families = scrape_local(Stream(ReplyOnPause(echo), modality="audio"))
+    assert not any(f.startswith("batchrtc_replica") for f in families)
+
+
 # -- GPU metrics -----------------------------------------------------------------------------
 async def test_gpu_metrics_absent_without_nvml_and_nothing_logged(serve, caplog, monkeypatch):
     nvml = m.Nvml()

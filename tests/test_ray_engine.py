@@ -23,6 +23,7 @@ from server.engine.ray_vad import RayVAD, StreamState, VADReplica, pack_call, un
 from server.vad_engine import VADEngine
 from tests.audio_fixtures import load_wav
 from tests.ray_cluster import local_ray_cluster
+from tests.waiting import wait_for
 from tests.test_websocket_reply import speech_48k
 
 HOP = 4608  # 96 ms at 48 kHz: ReplyOnPause's hop
@@ -230,24 +231,67 @@ async def test_killing_the_replica_fails_chunks_in_flight_and_streams_go_on(ray_
         np.testing.assert_allclose(np.concatenate(outs[k]), np.concatenate(want), atol=1e-5)
 
 
-async def test_reply_on_pause_sessions_get_replies_from_a_server_on_the_ray_engine(ray_cluster, ray_handle) -> None:
-    """A real server process with BATCHRTC_ENGINE=ray (joining the cluster by RAY_ADDRESS) and
-    real WebSocket clients speaking real speech: each utterance gets its reply."""
+@pytest.fixture(scope="module")
+def front_end(ray_cluster, ray_handle):
+    """A real server process with BATCHRTC_ENGINE=ray, joining the cluster by RAY_ADDRESS."""
     from benchmarks.server_process import UvicornProcess
-    from tests.test_engine_process import SPEECH, Client
 
     server = UvicornProcess(["tests.engine_apps:echo"], {"BATCHRTC_ENGINE": "ray", "RAY_ADDRESS": ray_cluster},
                             name="ray_engine_test", start_timeout_s=120)
     with server:
-        url = f"ws://127.0.0.1:{server.port}/websocket/offer"
-        pcm = speech_48k(SPEECH)
-        clients = [await Client(url, f"ray-{i}").open() for i in range(3)]
-        await asyncio.gather(*(c.speak(pcm) for c in clients))
-        await asyncio.sleep(3.0)
-        for c in clients:
-            await c.close()
-        log = server.log_tail()
+        yield server
+    server.cleanup_log()
+
+
+async def test_reply_on_pause_sessions_get_replies_from_a_server_on_the_ray_engine(front_end) -> None:
+    """A real server process with BATCHRTC_ENGINE=ray (joining the cluster by RAY_ADDRESS) and
+    real WebSocket clients speaking real speech: each utterance gets its reply."""
+    from tests.test_engine_process import SPEECH, Client
+
+    url = f"ws://127.0.0.1:{front_end.port}/websocket/offer"
+    pcm = speech_48k(SPEECH)
+    clients = [await Client(url, f"ray-{i}").open() for i in range(3)]
+    await asyncio.gather(*(c.speak(pcm) for c in clients))
+    await asyncio.sleep(3.0)
+    for c in clients:
+        await c.close()
+    log = front_end.log_tail()
     for c in clients:
         assert c.logs("pause_detected") == 2 and c.media > 0, (c.sid, c.messages[-3:], log)
     assert "not judged" not in log, log
-    server.cleanup_log()
+
+
+async def test_the_front_ends_metrics_show_the_replicas_batcher(front_end, ray_handle) -> None:
+    """`/metrics` of a Ray-engine front end: the replica's batcher and calls, labelled by its
+    Serve replica id, read from the live replica at scrape time."""
+    import httpx
+
+    from tests.test_engine_process import SPEECH, Client
+    from tests.test_metrics import parse, val
+
+    stats = ray_handle.options(method_name="stats")
+    c = await Client(f"ws://127.0.0.1:{front_end.port}/websocket/offer", "ray-metrics").open()
+    await c.speak(speech_48k(SPEECH))
+    await wait_for(lambda: c.logs("pause_detected") == 2, timeout=15, what="both replies")
+    await c.close()
+    before = await stats.remote()
+    mine = sum(n for o, n in before["items_by_origin"].items() if f":{front_end.pid}:" in o)
+    assert mine > 0, before["items_by_origin"]  # this front end's chunks reached the replica
+    async with httpx.AsyncClient(timeout=10) as http:
+        r = await http.get(f"http://127.0.0.1:{front_end.port}/metrics")
+    assert r.status_code == 200, r.text
+    s, _ = parse(r.text)
+    after = await stats.remote()
+    rid = before["replica"]
+    assert after["replica"] == rid and rid
+    assert val(s, "batchrtc_replica_stats_up") == 1 and val(s, "batchrtc_replicas_answering") == 1
+    assert val(s, "batchrtc_replica_info", replica=rid, application="batchrtc", deployment="silero_vad",
+               pid=str(before["pid"])) == 1
+    # Read from the replica between `before` and `after`: its counters at that moment.
+    for metric, key in (("batchrtc_replica_items_total", "items"), ("batchrtc_replica_calls_total", "calls"),
+                        ("batchrtc_replica_batcher_items_completed_total", "completed"),
+                        ("batchrtc_replica_batcher_batch_size_count", "batches")):
+        assert before[key] <= val(s, metric, replica=rid) <= after[key], (metric, before[key], after[key])
+    assert val(s, "batchrtc_replica_batcher_max_batch_size", replica=rid) == before["max_batch_size"] == 512
+    assert val(s, "batchrtc_replica_stats_failures_total", reason="timeout") == 0
+    assert not any(k[0] == "batchrtc_batcher_up" and dict(k[1]).get("batcher") == "silero_vad" for k in s)

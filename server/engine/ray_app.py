@@ -43,6 +43,13 @@ class VADDeployment(VADReplica):
         """This replica's Ray actor name (namespace "serve"): tests kill it by name."""
         return ray.get_runtime_context().get_actor_name() or ""
 
+    def stats(self) -> dict[str, Any]:
+        """`VADReplica.stats` and who this replica is: Serve's replica id (the `replica` tag of
+        Serve's own metrics), application, deployment, and its process id."""
+        ctx = serve.get_replica_context()
+        return {**super().stats(), "replica": ctx.replica_id.unique_id, "application": ctx.app_name,
+                "deployment": ctx.deployment, "pid": os.getpid()}
+
 
 def build(args: dict[str, str]) -> Any:
     """Serve's application builder: `serve run server.engine.ray_app:build max_batch_size=256`
@@ -100,6 +107,13 @@ class RayEngine:
 
     async def _send(self, call: Call) -> Results:
         return await self._process.remote(call, self.origin)
+
+    def replica_stats(self, timeout_s: float) -> list[dict[str, Any] | BaseException]:
+        """Every running replica's `stats()`, or the exception its call raised (Serve's
+        broadcast: one call per replica, for control-plane reads such as a `/metrics` scrape).
+        Blocking, at most `timeout_s`: call it off the event loop. Raises TimeoutError past
+        it, and Serve's error when the deployment has no replica."""
+        return self.handle.broadcast("stats").results(timeout_s=timeout_s, return_exceptions=True)
 
     @classmethod
     async def connect(cls, settings: Settings, origin: str = "") -> RayEngine:

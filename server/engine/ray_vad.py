@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from batching import BatchingError, QueueFullError
+from server.metrics.collector import batcher_report
 from server.vad_engine import CONTEXT, LATENCY_BUDGET_S, VADEngine, VADStream, to_float32
 
 from .client import EngineTimeout, EngineUnavailable
@@ -244,9 +245,11 @@ class VADReplica:
         return pack_results(results)
 
     def stats(self) -> dict[str, Any]:
+        """Calls, items and batches by origin, and the batcher's report (what a front end's
+        `/metrics` shows of each replica: server/metrics/replicas.py)."""
         return {"calls": self.calls, "items": self.items, "batches": self.batches,
                 "mixed_batches": self.mixed_batches, "items_by_origin": dict(self.items_by_origin),
-                **self.engine.batcher.stats.snapshot()}
+                **batcher_report(self.engine.batcher)}
 
 
 def _import_states(eng: VADEngine, streams: list[VADStream], states: list[StreamState]) -> None:

@@ -1,7 +1,8 @@
 """`GET /metrics` (Prometheus text format) and `GET /health` for one stream.
 
-`collector.py` reads the stream's live state at scrape time, `state.py` keeps the totals that
-outlive sessions, `gpu.py` reads GPUs through NVML, `health.py` answers `/health`. A session reports into
+`collector.py` reads the stream's live state at scrape time, `replicas.py` fetches the Ray
+engine replicas' statistics (BATCHRTC_ENGINE=ray), `state.py` keeps the totals that outlive
+sessions, `gpu.py` reads GPUs through NVML, `health.py` answers `/health`. A session reports into
 its stream's `StreamMetrics` through the two hooks below, which never raise.
 """
 
@@ -14,11 +15,15 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
-from .collector import MetricsSources, StreamCollector, build_registry
+from .collector import MetricsSources, StreamCollector
 from .health import health
 from .gpu import Nvml
+from .replicas import ReplicaCollector
 from .state import StreamMetrics
 
 logger = logging.getLogger(__name__)
@@ -26,6 +31,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "MetricsSources",
     "Nvml",
+    "ReplicaCollector",
     "StreamCollector",
     "StreamMetrics",
     "build_registry",
@@ -67,6 +73,18 @@ def register_batcher(stream: Any, batcher: Any) -> None:
     """Also report `batcher` (a `DynamicBatcher` the app runs itself) on `stream`'s
     `/metrics` and `/health`. Held weakly."""
     stream.engines.register_batcher(batcher)
+
+
+def build_registry(sources: MetricsSources) -> CollectorRegistry:
+    """A fresh registry with this stream's collector plus process/platform/GC metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StreamCollector(sources))
+    # With BATCHRTC_ENGINE=ray the VAD batcher is in the engine replicas: theirs, fetched.
+    registry.register(ReplicaCollector(sources.engines.replica_stats))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
 
 
 def router(sources: MetricsSources) -> APIRouter:

@@ -16,16 +16,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.gc_collector import GCCollector
-from prometheus_client.platform_collector import PlatformCollector
-from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -174,80 +170,8 @@ class StreamCollector(Collector):
 
     # batchers
     def _batchers(self) -> Iterator[Metric]:
-        found = self.sources.engines.batchers()
-        lab = ["batcher"]
-
-        def gauge(suffix: str, doc: str, labels: list[str] = lab) -> GaugeMetricFamily:
-            return GaugeMetricFamily(_name(suffix), doc, labels=labels)
-
-        def counter(suffix: str, doc: str, labels: list[str] = lab) -> CounterMetricFamily:
-            return CounterMetricFamily(_name(suffix), doc, labels=labels)
-
-        up = gauge("batcher_up", "1 while the batcher's worker can take work; 0 once closed or dead.")
-        depth = gauge("batcher_queue_depth", "Items waiting in the batcher's queue.")
-        producers = gauge("batcher_producers", "Registered producers (at most one item in flight each).")
-        max_batch = gauge("batcher_max_batch_size", "Largest batch the batcher forms.")
-        max_queue = gauge("batcher_max_queue_size", "Queue bound; beyond it submits are rejected.")
-        batches = counter("batcher_batches", "Batches run.")
-        bisect = counter("batcher_bisect_calls", "Retries of halves of failed batches.")
-        submitted = counter("batcher_items_submitted", "Items accepted into the queue.")
-        completed = counter("batcher_items_completed", "Items that got a result.")
-        failed = counter("batcher_items_failed", "Items whose batch function raised for them.")
-        isolated = counter(
-            "batcher_items_isolated",
-            "Items of a batch that failed as a whole (a worker died or hung), put back to run alone.",
-        )
-        faulty = gauge(
-            "batcher_faulty_sources",
-            "Sources (sessions) refused because their items failed the batch function alone too.",
-        )
-        dropped = counter(
-            "batcher_items_dropped",
-            "Items dropped without running: late (deadline passed), cancelled, or closed.",
-            lab + ["reason"],
-        )
-        rejected = counter("batcher_items_rejected", "Submits refused because the queue was full.")
-        flushes = counter("batcher_flushes", "Batches by the reason they were flushed.", lab + ["reason"])
-        sizes = HistogramMetricFamily(
-            _name("batcher_batch_size"), "Items per batch.", labels=lab
-        )
-        wait = gauge(
-            "batcher_queue_wait_seconds",
-            "Queue wait of recent items (last 2048), as quantiles.", lab + ["quantile"],
-        )
-        run = gauge(
-            "batcher_run_seconds",
-            "Run time of recent batches (last 2048), as quantiles.", lab + ["quantile"],
-        )
-        for name, b in found:
-            snap = b.stats.snapshot()
-            up.add_metric([name], 0.0 if worker_dead(b) else 1.0)
-            depth.add_metric([name], snap["queue_depth"])
-            producers.add_metric([name], getattr(b, "producers", 0))
-            max_batch.add_metric([name], b.max_batch_size)
-            max_queue.add_metric([name], b.max_queue_size)
-            batches.add_metric([name], snap["batches"])
-            bisect.add_metric([name], snap["bisect_calls"])
-            submitted.add_metric([name], snap["submitted"])
-            completed.add_metric([name], snap["completed"])
-            failed.add_metric([name], snap["failed"])
-            isolated.add_metric([name], snap.get("isolated", 0))
-            faulty.add_metric([name], getattr(b, "faulty", 0))
-            for reason in ("late", "cancelled", "closed"):
-                dropped.add_metric([name, reason], snap[f"dropped_{reason}"])
-            rejected.add_metric([name], snap["rejected_full"])
-            for reason, n in sorted(snap["flush_reasons"].items()):
-                flushes.add_metric([name, str(reason)], n)
-            buckets, total = _size_buckets(snap["batch_size_hist"], b.max_batch_size)
-            sizes.add_metric([name], buckets, sum_value=total)
-            for family, key in ((wait, "queue_wait_ms"), (run, "run_ms")):
-                for q, p in QUANTILES:
-                    v = snap[key][p]
-                    if v is not None:
-                        family.add_metric([name, q], v / 1e3)
-        if found:  # no batcher yet: no empty families either
-            yield from (up, depth, producers, max_batch, max_queue, batches, bisect, submitted,
-                        completed, failed, isolated, faulty, dropped, rejected, flushes, sizes, wait, run)
+        rows = [([name], batcher_report(b)) for name, b in self.sources.engines.batchers()]
+        yield from batcher_families(rows, ["batcher"])
 
     # a batched handler's child process (process=True)
     def _workers(self) -> Iterator[Metric]:
@@ -284,6 +208,96 @@ class StreamCollector(Collector):
         yield from (f for f in fams.values() if f.samples)
 
 
+def batcher_report(batcher: Any) -> dict[str, Any]:
+    """What the batcher families show of one batcher: its stats snapshot plus what only the
+    live object knows. Plain data, so a Ray replica can send its own (server/engine/ray_vad.py)."""
+    return {
+        **batcher.stats.snapshot(),
+        "up": not worker_dead(batcher),
+        "producers": getattr(batcher, "producers", 0),
+        "faulty": getattr(batcher, "faulty", 0),
+        "max_batch_size": batcher.max_batch_size,
+        "max_queue_size": batcher.max_queue_size,
+    }
+
+
+def batcher_families(rows: list[tuple[list[str], dict[str, Any]]], labels: list[str],
+                     prefix: str = "batcher") -> Iterator[Metric]:
+    """The `batchrtc_<prefix>_*` families of some batchers: `rows` are (label values,
+    `batcher_report`). No rows: no families (no batcher yet, or no replica answered)."""
+    if not rows:
+        return
+    lab = list(labels)
+
+    def gauge(suffix: str, doc: str, labels: list[str] = lab) -> GaugeMetricFamily:
+        return GaugeMetricFamily(_name(f"{prefix}_{suffix}"), doc, labels=labels)
+
+    def counter(suffix: str, doc: str, labels: list[str] = lab) -> CounterMetricFamily:
+        return CounterMetricFamily(_name(f"{prefix}_{suffix}"), doc, labels=labels)
+
+    up = gauge("up", "1 while the batcher's worker can take work; 0 once closed or dead.")
+    depth = gauge("queue_depth", "Items waiting in the batcher's queue.")
+    producers = gauge("producers", "Registered producers (at most one item in flight each).")
+    max_batch = gauge("max_batch_size", "Largest batch the batcher forms.")
+    max_queue = gauge("max_queue_size", "Queue bound; beyond it submits are rejected.")
+    batches = counter("batches", "Batches run.")
+    bisect = counter("bisect_calls", "Retries of halves of failed batches.")
+    submitted = counter("items_submitted", "Items accepted into the queue.")
+    completed = counter("items_completed", "Items that got a result.")
+    failed = counter("items_failed", "Items whose batch function raised for them.")
+    isolated = counter(
+        "items_isolated",
+        "Items of a batch that failed as a whole (a worker died or hung), put back to run alone.",
+    )
+    faulty = gauge(
+        "faulty_sources",
+        "Sources (sessions) refused because their items failed the batch function alone too.",
+    )
+    dropped = counter(
+        "items_dropped",
+        "Items dropped without running: late (deadline passed), cancelled, or closed.",
+        lab + ["reason"],
+    )
+    rejected = counter("items_rejected", "Submits refused because the queue was full.")
+    flushes = counter("flushes", "Batches by the reason they were flushed.", lab + ["reason"])
+    sizes = HistogramMetricFamily(_name(f"{prefix}_batch_size"), "Items per batch.", labels=lab)
+    wait = gauge(
+        "queue_wait_seconds",
+        "Queue wait of recent items (last 2048), as quantiles.", lab + ["quantile"],
+    )
+    run = gauge(
+        "run_seconds",
+        "Run time of recent batches (last 2048), as quantiles.", lab + ["quantile"],
+    )
+    for name, rep in rows:
+        up.add_metric(name, 1.0 if rep["up"] else 0.0)
+        depth.add_metric(name, rep["queue_depth"])
+        producers.add_metric(name, rep["producers"])
+        max_batch.add_metric(name, rep["max_batch_size"])
+        max_queue.add_metric(name, rep["max_queue_size"])
+        batches.add_metric(name, rep["batches"])
+        bisect.add_metric(name, rep["bisect_calls"])
+        submitted.add_metric(name, rep["submitted"])
+        completed.add_metric(name, rep["completed"])
+        failed.add_metric(name, rep["failed"])
+        isolated.add_metric(name, rep.get("isolated", 0))
+        faulty.add_metric(name, rep["faulty"])
+        for reason in ("late", "cancelled", "closed"):
+            dropped.add_metric([*name, reason], rep[f"dropped_{reason}"])
+        rejected.add_metric(name, rep["rejected_full"])
+        for reason, n in sorted(rep["flush_reasons"].items()):
+            flushes.add_metric([*name, str(reason)], n)
+        buckets, total = _size_buckets(rep["batch_size_hist"], rep["max_batch_size"])
+        sizes.add_metric(name, buckets, sum_value=total)
+        for family, key in ((wait, "queue_wait_ms"), (run, "run_ms")):
+            for q, p in QUANTILES:
+                v = rep[key][p]
+                if v is not None:
+                    family.add_metric([*name, q], v / 1e3)
+    yield from (up, depth, producers, max_batch, max_queue, batches, bisect, submitted,
+                completed, failed, isolated, faulty, dropped, rejected, flushes, sizes, wait, run)
+
+
 def _size_buckets(hist: dict[int, int], max_batch: int) -> tuple[list[tuple[str, float]], float]:
     """Cumulative buckets (1, 2, 4, ... up to max_batch, +Inf) from the exact-size histogram."""
     bounds: list[int] = []
@@ -298,14 +312,3 @@ def _size_buckets(hist: dict[int, int], max_batch: int) -> tuple[list[tuple[str,
         out.append((floatToGoString(bound), float(sum(v for k, v in items if k <= bound))))
     out.append(("+Inf", float(sum(v for _, v in items))))
     return out, float(sum(k * v for k, v in items))
-
-
-# -- routes ----------------------------------------------------------------------------------
-def build_registry(sources: MetricsSources) -> CollectorRegistry:
-    """A fresh registry with this stream's collector plus process/platform/GC metrics."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(StreamCollector(sources))
-    ProcessCollector(registry=registry)
-    PlatformCollector(registry=registry)
-    GCCollector(registry=registry)
-    return registry

@@ -27,6 +27,9 @@ def health(sources: MetricsSources) -> tuple[int, dict[str, Any]]:
         "batchers": batchers,
         "handler_threads": {"busy": pool.busy, "lost": pool.lost, "lost_limit": pool.max_lost},
     }
+    ray_engine = sources.engines.ray
+    if ray_engine is not None:  # BATCHRTC_ENGINE=ray: this front end's calls to the replicas
+        body["ray_engine"] = ray_engine.vad.bundler.stats()
     found = sources.engines.runner()
     if found is not None:  # informational: a dead child is restarted by the next batch
         runner = found[1]
