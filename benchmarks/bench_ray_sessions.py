@@ -168,10 +168,7 @@ def run(a: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                         r = br.run_step(srv, n, workloads, opts, engine_pids=pids)
                         after = srv.vad_counts()
                 except Exception as e:  # a row that could not run is reported, not hidden
-                    r = br.StepResult(engine, n, 20, srv.command, None)
-                    r.replies_expected = sum(len(workloads[i % len(workloads)].pause_frames) for i in range(n))
-                    r.errors = max(1, r.replies_expected)
-                    r.error_samples = [f"step failed: {type(e).__name__}: {str(e)[:300]}"]
+                    r = br.StepResult.failed(engine, n, 20, srv.command, None, workloads, e)
                     print(f"  step failed: {e}\n{srv.log_tail(10)}", file=sys.stderr, flush=True)
                 finally:
                     srv.stop()

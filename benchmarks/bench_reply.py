@@ -657,6 +657,17 @@ class StepResult:
     vad_stats: dict | None = None
     wall_s: float = 0.0
 
+    @classmethod
+    def failed(cls, mode: str, n: int, frame_ms: int, server_command: str, compression: str | None,
+               workloads: list[Workload], error: BaseException) -> StepResult:
+        """A row that could not run: every expected reply counts as an error (reported, not
+        hidden)."""
+        r = cls(mode, n, frame_ms, server_command, compression)
+        r.replies_expected = sum(len(workloads[i % len(workloads)].pause_frames) for i in range(n))
+        r.errors = max(1, r.replies_expected)
+        r.error_samples = [f"step failed: {type(error).__name__}: {str(error)[:300]}"]
+        return r
+
     @property
     def other_cpu_pct(self) -> float | None:
         """Everything else on the machine (this parent, other users' jobs) in the window."""
@@ -1178,10 +1189,7 @@ def main(argv: list[str] | None = None) -> int:
                     except KeyboardInterrupt:
                         raise
                     except Exception as e:  # a row that could not run is reported, not hidden
-                        r = StepResult(mode, n, frame_ms, srv.command, compression)
-                        r.replies_expected = sum(len(wls[i % len(wls)].pause_frames) for i in range(n))
-                        r.errors = max(1, r.replies_expected)
-                        r.error_samples = [f"step failed: {type(e).__name__}: {str(e)[:300]}"]
+                        r = StepResult.failed(mode, n, frame_ms, srv.command, compression, wls, e)
                         print(f"  step failed: {e}\n{srv.log_tail(10)}", file=sys.stderr, flush=True)
                     finally:
                         srv.stop()
