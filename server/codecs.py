@@ -25,12 +25,25 @@ def ulaw_decode(data: bytes) -> np.ndarray:
     return _DECODE[np.frombuffer(data, dtype=np.uint8)]
 
 
-def ulaw_encode(samples: np.ndarray) -> bytes:
-    """int16 samples -> mu-law bytes, bit-exact with `audioop.lin2ulaw(x, 2)` (14-bit G.711)."""
+def _encode_formula(samples: np.ndarray) -> np.ndarray:
+    """int16 samples -> mu-law codes, bit-exact with `audioop.lin2ulaw(x, 2)` (14-bit G.711)."""
     x = np.asarray(samples, dtype=np.int32) >> 2  # arithmetic shift, as audioop does
     negative = x < 0
     mag = np.minimum(np.where(negative, -x, x), 8159) + (_BIAS >> 2)
     # segment = index of the first bound in (0x3F, 0x7F, ..., 0x1FFF) that mag does not exceed
     seg = np.searchsorted(_SEG_END, mag, side="left")
     code = np.where(seg >= 8, 0x7F, (seg << 4) | ((mag >> (seg + 1)) & 0x0F))  # out of range: max code
-    return (code ^ np.where(negative, 0x7F, 0xFF)).astype(np.uint8).tobytes()
+    return (code ^ np.where(negative, 0x7F, 0xFF)).astype(np.uint8)
+
+
+# Every int16 value's code, indexed by the sample's bits as uint16 (64 KiB): encoding a reply
+# frame is one table lookup (~3 us for 20 ms at 24 kHz) instead of the formula (~45 us).
+_ENCODE = _encode_formula(np.arange(65536, dtype=np.uint16).view(np.int16))
+
+
+def ulaw_encode(samples: np.ndarray) -> bytes:
+    """int16 samples -> mu-law bytes, bit-exact with `audioop.lin2ulaw(x, 2)` (14-bit G.711)."""
+    x = np.asarray(samples)
+    if x.dtype != np.int16:  # other integer widths: the formula clips them as audioop would
+        return _encode_formula(x).tobytes()
+    return _ENCODE[x.reshape(-1).view(np.uint16)].tobytes()
