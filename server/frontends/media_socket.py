@@ -17,6 +17,7 @@ import base64
 import binascii
 import json
 import logging
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +93,7 @@ class WebSocketAudioSink:
         self.sends_audio = True
         self.play_end = time.monotonic()
         self.seen = channel.generation
+        self._sid = json.dumps(session.webrtc_id)  # the phone's streamSid, as a JSON string
 
     def pending(self) -> bool:
         return False
@@ -116,14 +118,13 @@ class WebSocketAudioSink:
                 pass
         if channel.generation != generation:
             return  # interrupted while we held it: drop, never send after `clear`
-        payload: dict[str, Any] = {
-            "event": "media",
-            "media": {"payload": base64.b64encode(ulaw_encode(pcm)).decode("ascii")},
-        }
-        if self.phone_mode:
-            payload["streamSid"] = self.session.webrtc_id
+        # Built as text: this runs for every 20 ms of reply audio, and base64 needs no JSON
+        # escaping (json.dumps of the same dict costs 6x more).
+        b64 = base64.b64encode(ulaw_encode(pcm)).decode("ascii")
+        text = '{"event": "media", "media": {"payload": "' + b64 + '"}'
+        text += f', "streamSid": {self._sid}}}' if self.phone_mode else "}"
         # Awaiting the bounded queue slows the handler to the client's pace.
-        await channel.queue.put(_Media(generation, json.dumps(payload)))
+        await channel.queue.put(_Media(generation, text))
         self.play_end += pcm.size / self.rate
 
     async def drain(self) -> None:
@@ -223,12 +224,14 @@ async def serve_media_socket(registry: SessionRegistry, ws: WebSocket, *, phone_
     volume = TokenBucket(MAX_BYTES_PER_S, MAX_BYTES_BURST)
     try:
         while True:
-            timeout = START_TIMEOUT_S if session is None else None
-            try:
-                raw = await asyncio.wait_for(ws.receive(), timeout)
-            except asyncio.TimeoutError:
-                conn.fatal(1008, "no start event received in time")
-                break
+            if session is None:
+                try:
+                    raw = await asyncio.wait_for(ws.receive(), START_TIMEOUT_S)
+                except asyncio.TimeoutError:
+                    conn.fatal(1008, "no start event received in time")
+                    break
+            else:  # every media frame: no timer (the session has its own limits)
+                raw = await ws.receive()
             if raw["type"] == "websocket.disconnect":
                 conn.client_gone = True
                 break
@@ -321,13 +324,22 @@ def _stream_id(message: dict, phone_mode: bool) -> str | ValueError:
     return sid
 
 
+if sys.version_info >= (3, 11):
+    def _b64decode_strict(payload: str) -> bytes:
+        """base64 with every character checked, in C (b64decode's `validate` runs a regex)."""
+        return binascii.a2b_base64(payload, strict_mode=True)
+else:  # Python 3.10: no strict mode in binascii
+    def _b64decode_strict(payload: str) -> bytes:
+        return base64.b64decode(payload, validate=True)
+
+
 def _decode_media(message: dict) -> np.ndarray | str:
     media = message.get("media")
     payload = media.get("payload") if isinstance(media, dict) else None
     if not isinstance(payload, str):
         return 'media event needs {"media": {"payload": BASE64}}'
     try:
-        raw = base64.b64decode(payload, validate=True)
+        raw = _b64decode_strict(payload)
     except (binascii.Error, ValueError):
         return "media payload is not valid base64"
     return ulaw_decode(raw)
