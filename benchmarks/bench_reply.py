@@ -80,7 +80,7 @@ import sys
 import threading
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,8 @@ CONFIG_TITLES = {
 }
 TARGET_SESSIONS = 200
 TARGET_OVERHEAD_P95_MS = 100.0
+# Issue 16's end of speech -> first reply targets: p95 at N sessions <= ms (every reply arrived).
+E2R_TARGETS = ((10, 900.0), (200, 1200.0))
 DEFAULT_SESSIONS = "1,50,100,200"
 QUICK_SESSIONS = "1,10"
 VAD_STATS_PATH = "/_bench/vad_stats"
@@ -947,6 +949,25 @@ def target_verdict(rows: list[StepResult]) -> tuple[bool, list[str]]:
     return met_any, lines
 
 
+def e2r_verdict(rows: list[StepResult]) -> list[str]:
+    """Per mode, issue 16's targets at the N that were run: every reply and e2r p95 <= the
+    bound (a row with missing replies does not meet it, whatever its percentiles)."""
+    lines = []
+    for mode in dict.fromkeys(r.mode for r in rows):
+        for n, bound in E2R_TARGETS:
+            row = next((r for r in rows if r.mode == mode and r.n == n), None)
+            if row is None:
+                continue
+            p95 = row.pct("e2r_ms", 95)
+            complete = row.errors == 0 and row.replies_ok == row.replies_expected
+            met = complete and p95 is not None and p95 <= bound
+            why = "" if complete else f", {row.replies_ok}/{row.replies_expected} replies"
+            lines.append(
+                f"- {MODE_LABELS.get(mode, mode)}: e2r p95 at N={n} {_f(p95)} ms{why}; target <= "
+                f"{bound:,.0f} ms: **{'MET' if met else 'NOT MET'}**")
+    return lines
+
+
 def by_config(rows: list[StepResult]) -> dict[str, list[StepResult]]:
     out: dict[str, list[StepResult]] = {}
     for r in rows:
@@ -976,6 +997,8 @@ def render_markdown(rows: list[StepResult], meta: dict[str, Any]) -> str:
         f"- command: `{meta['command']}`; code: {meta.get('code_version', 'unknown')}"
         + ("" if meta.get("code_version_at_end", meta.get("code_version")) == meta.get("code_version")
            else f" at start, {meta['code_version_at_end']} at the end (**the code changed during the run**)"),
+        *([f"- rendered again from its .json (same measurements) by `{meta['rendered_by']}`"]
+          if meta.get("rendered_by") else []),
         "- servers (a fresh process per row, one unmeasured warm-up session each):",
         *[f"  - {MODE_LABELS.get(k, k) + ': ' if k else ''}`{v}`" for k, v in servers.items()],
         f"- clients: {meta['client_desc']}",
@@ -1017,6 +1040,9 @@ def render_markdown(rows: list[StepResult], meta: dict[str, Any]) -> str:
             f"({mine[0].frame_ms} ms frames, permessage-deflate {'on' if mine[0].compression else 'off'}):",
             *verdict,
         ]
+        e2r = e2r_verdict(mine)
+        if e2r:
+            lines += ["", "Issue 16's targets (end of speech -> first reply byte, every reply arrived):", *e2r]
     lines += [
         "",
         "Latency percentiles are over the replies that did arrive: a row with missing replies "
@@ -1124,6 +1150,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="markdown output, .json/.png next to it (default benchmarks/results/bench_reply.md, "
                     "bench_reply_quick.md with --quick)")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--render-from", default=None, metavar="JSON",
+                    help="measure nothing: write the markdown of an earlier run's .json again "
+                    "(next to it), with this version's verdict lines")
     a = ap.parse_args(argv)
     if a.quick:
         a.sessions = a.sessions or QUICK_SESSIONS
@@ -1145,9 +1174,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+def render_again(path: Path, command: str) -> Path:
+    """The markdown of an earlier run, from its .json: same rows and metadata, this version's
+    verdict lines. Returns the markdown's path (next to the .json)."""
+    raw = json.loads(path.read_text())
+    names = {f.name for f in fields(StepResult)}
+    rows = [StepResult(**{k: v for k, v in d.items() if k in names}) for d in raw["rows"]]
+    meta = dict(raw["meta"], rendered_by=f"{command}; code {code_version()}")
+    out = path.with_suffix(".md")
+    out.write_text(render_markdown(rows, meta))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     command = " ".join(["python -m benchmarks.bench_reply", *(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))])
+    if a.render_from:
+        print(f"wrote {render_again(Path(a.render_from), command)}")
+        return 0
     t_all = time.monotonic()
     code_version_at_start = code_version()
     # Workloads per (frame length, VAD kind): the per-call model's pauses are replayed with it.
