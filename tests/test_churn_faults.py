@@ -52,6 +52,14 @@ async def test_vanished_peer_mid_batch_hurts_nobody(serve):
     await settle(lambda: stream.active_sessions == 0)
 
 
+# Thread pools that grow with load and are bounded (or shrink when idle): not per session.
+_POOL_THREADS = ("handler-", "asyncio_", "AnyIO worker thread", "media-", "rtc-config-")
+
+
+def _fixed_threads() -> list[str]:
+    return sorted(t.name for t in threading.enumerate() if not t.name.startswith(_POOL_THREADS))
+
+
 async def test_churn_returns_to_baseline(serve):
     """Mixed WebSocket audio and WebRTC video sessions connect and disconnect repeatedly;
     sessions, VAD state slots, threads, loop tasks and memory return to baseline."""
@@ -86,7 +94,7 @@ async def test_churn_returns_to_baseline(serve):
     async with httpx.AsyncClient() as http:
         tasks0 = (await http.get(f"{sa.http}/_tasks")).json()["tasks"]
     slots0 = engine.state.in_use
-    threads0 = threading.active_count()
+    names0 = _fixed_threads()
     rss0 = proc.memory_info().rss
 
     for r in range(1, 9):  # 8 rounds x 8 sessions = 64 more sessions
@@ -98,7 +106,11 @@ async def test_churn_returns_to_baseline(serve):
         tasks1 = (await http.get(f"{sa.http}/_tasks")).json()["tasks"]
     assert engine.state.in_use == slots0, (engine.state.in_use, slots0)
     assert tasks1 <= tasks0 + 2, (tasks0, tasks1)
-    assert threading.active_count() <= threads0 + 4, (threads0, threading.active_count())
+    # Threads: pools that grow with a burst and shrink when idle (handler threads stay 30 s,
+    # the loop's default executor and AnyIO's are capped) are not leaks; a stuck handler
+    # call is (`lost`). Every other thread (aiortc's coders, batchers, ...) is back to baseline.
+    assert audio.pool.lost == 0 and video.pool.lost == 0
+    assert len(_fixed_threads()) <= len(names0) + 2, (_fixed_threads(), names0)
     growth = (proc.memory_info().rss - rss0) / 2**20
     assert growth < 80, f"RSS grew {growth:.0f} MiB over 64 sessions"
 
