@@ -17,6 +17,8 @@ from typing import Any
 from aiortc import RTCConfiguration, RTCIceServer
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
+from .executors import config_executor
+
 POLICIES = {p.value: p for p in RTCIceTransportPolicy}  # "all", "relay"
 # How long a connection waits for an app's `rtc_configuration` / `server_rtc_configuration`
 # callable (a TURN provider's API that hangs must not hang the offer or the page).
@@ -27,7 +29,6 @@ async def call_rtc_configuration(fn: Callable[[], Any], timeout_s: float | None 
     """What an app's configuration callable returns (sync or async, no arguments). A sync one
     runs on `config_executor()`'s threads, so one that hangs never holds the default
     executor's. Raises TimeoutError after `timeout_s` (default RTC_CONFIG_TIMEOUT_S)."""
-    from .executors import config_executor
 
     async def call() -> Any:
         if inspect.iscoroutinefunction(fn):

@@ -385,9 +385,9 @@ async def test_a_server_rtc_configuration_callable_that_never_answers_fails_only
     # slot comes back, and the next offer (the provider answering again) connects.
     import threading
 
-    import server.frontends.webrtc.offer as offer
+    import server.ice_servers as ice_servers
 
-    monkeypatch.setattr(offer, "ICE_CONFIG_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(ice_servers, "RTC_CONFIG_TIMEOUT_S", 0.5)
     release = threading.Event()
     hang = [True]
 

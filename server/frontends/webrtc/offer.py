@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from ...ice_servers import RTC_CONFIG_TIMEOUT_S, aiortc_configuration, call_rtc_configuration
+from ...ice_servers import aiortc_configuration, call_rtc_configuration
 from ...limits import MAX_OFFER_BYTES
 from ...registry import Refused
 from ...request_body import read_json
@@ -54,10 +54,6 @@ OFFER_OPENAPI = {
 }
 
 
-# How long an offer waits for the app's `server_rtc_configuration` callable.
-ICE_CONFIG_TIMEOUT_S = RTC_CONFIG_TIMEOUT_S
-
-
 def _failed(error: str, status: int = 200, **meta: Any) -> JSONResponse:
     return JSONResponse({"status": "failed", "meta": {"error": error, **meta}}, status_code=status)
 
@@ -66,10 +62,10 @@ async def server_ice_configuration(config: StreamConfig) -> RTCConfiguration:
     """The server's ICE configuration for one offer: `server_rtc_configuration`, or what it
     returns when it is a callable (sync or async), so time-limited TURN credentials are fresh
     for every connection (see `call_rtc_configuration`). One that has not answered in
-    ICE_CONFIG_TIMEOUT_S fails the offer."""
+    `ice_servers.RTC_CONFIG_TIMEOUT_S` fails the offer."""
     value = config.server_rtc_configuration
     if callable(value):
-        value = await call_rtc_configuration(value, ICE_CONFIG_TIMEOUT_S)
+        value = await call_rtc_configuration(value)
     return aiortc_configuration(value)
 
 
