@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.bench_ray_engine import HOP, _chunk
-from benchmarks.harness import machine_info, write_report
+from benchmarks.bench_ray_engine import HOP, _chunk, publish
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -190,12 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     os.environ["BATCHRTC_DEVICE"] = "cpu"
     torch.set_num_threads(1)
-    res = asyncio.run(measure([int(x) for x in a.streams.split(",")], a.seconds, a.rounds))
-    machine = machine_info(("torch", "silero-vad", "ray", "numpy"))
-    text = report(res, machine)
-    md, js = write_report(Path(a.out), text, {"machine": machine, **res})
-    print(text)
-    print(f"wrote {md} and {js}")
+    publish(Path(a.out), asyncio.run(measure([int(x) for x in a.streams.split(",")], a.seconds, a.rounds)),
+            report)
     return 0
 
 

@@ -24,6 +24,7 @@ import os
 import pickle
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -155,6 +156,16 @@ def report(res: dict[str, Any], machine: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def publish(out: Path, res: dict[str, Any], report: Callable[[dict[str, Any], dict[str, Any]], str]) -> None:
+    """Write a Ray benchmark's results (`report(res, machine)` as markdown, `res` as JSON
+    beside it) and print the markdown."""
+    machine = machine_info(("torch", "silero-vad", "ray", "numpy"))
+    text = report(res, machine)
+    md, js = write_report(out, text, {"machine": machine, **res})
+    print(text)
+    print(f"wrote {md} and {js}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=40, help="timed rounds per row (fewer for large k)")
@@ -162,12 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     os.environ["BATCHRTC_DEVICE"] = "cpu"
     torch.set_num_threads(1)
-    res = asyncio.run(measure(a.rounds))
-    machine = machine_info(("torch", "silero-vad", "ray", "numpy"))
-    text = report(res, machine)
-    md, js = write_report(Path(a.out), text, {"machine": machine, **res})
-    print(text)
-    print(f"wrote {md} and {js}")
+    publish(Path(a.out), asyncio.run(measure(a.rounds)), report)
     return 0
 
 
