@@ -4,7 +4,7 @@ Front ends on many machines share one directory: which session ids exist, which 
 holds each, and the `concurrency_limit` across all of them; and it relays requests for a
 session (`set_input`, a trickled ICE candidate) to the front end that holds it. It is the
 engine process's registry (`server/engine/main.py`) with a lease per front end instead of a
-socket whose end says "this worker is gone": `server/engine/ray_sessions.py` runs
+socket whose end says "this worker is gone": `server/engine/ray_app.py` runs
 `SessionDirectory` as a named, detached Ray actor and gives each front end a `SessionsClient`.
 
 - **Leases.** A front end long-polls the directory (`poll`); each poll renews its lease for
