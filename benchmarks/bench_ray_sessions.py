@@ -99,14 +99,6 @@ def holds(r: br.StepResult, p95_ms: float) -> bool:
     return r.errors == 0 and r.replies_ok == r.replies_expected > 0 and p95 is not None and p95 <= p95_ms
 
 
-def rest_cpu(r: br.StepResult) -> float | None:
-    """The machine's CPU besides the front end, the load generator and the replica (Ray's
-    daemons, this driver, other jobs)."""
-    if r.other_cpu_pct is None:
-        return None
-    return max(0.0, r.other_cpu_pct - (r.engine_cpu_pct or 0.0))
-
-
 class RayCluster:
     """A local Ray cluster in this process (2 CPUs, loopback, no dashboard) with the VAD
     deployment on it, as the tests start it (tests/ray_cluster.py); stopped by `close`."""
@@ -201,7 +193,7 @@ def row_line(row: dict[str, Any], p95_ms: float) -> str:
             batches += f", {vad['calls']:.0f} calls"
     return (f"| {r.mode} | {r.n} | {r.replies_ok}/{r.replies_expected} | {r.errors} | {f(r.pct('e2r_ms', 50))} "
             f"| {f(r.pct('e2r_ms', 95))} | {f(r.server_cpu_pct)} | {f(r.server_rss_mb)} | {f(r.engine_cpu_pct)} "
-            f"| {f(r.engine_rss_mb)} | {f(r.client_cpu_pct)} | {f(rest_cpu(r))} | {batches} "
+            f"| {f(r.engine_rss_mb)} | {f(r.client_cpu_pct)} | {f(r.other_cpu_pct)} | {batches} "
             f"| {'yes' if holds(r, p95_ms) else 'no'} |")
 
 
@@ -308,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(rows, meta, a.p95_ms)
     data = {"meta": meta, "verdicts": verdicts(rows, a.p95_ms),
             "rows": [{**br.step_to_json(x["result"]), "vad": x["vad"], "replica_pids": x["replica_pids"],
-                      "rest_cpu_pct": rest_cpu(x["result"]), "holds": holds(x["result"], a.p95_ms)} for x in rows]}
+                      "rest_cpu_pct": x["result"].other_cpu_pct, "holds": holds(x["result"], a.p95_ms)} for x in rows]}
     md, js = write_report(Path(a.out), text, json.loads(json.dumps(data, default=str)))
     print()
     print("\n".join(verdicts(rows, a.p95_ms)))

@@ -672,10 +672,12 @@ class StepResult:
 
     @property
     def other_cpu_pct(self) -> float | None:
-        """Everything else on the machine (this parent, other users' jobs) in the window."""
+        """Everything else on the machine in the window (this parent, other users' jobs): not
+        the server, the load generator, or the engine processes serving it (`engine_pids`)."""
         if None in (self.system_cpu_pct, self.server_cpu_pct, self.client_cpu_pct):
             return None
-        return max(0.0, self.system_cpu_pct - self.server_cpu_pct - self.client_cpu_pct)
+        return max(0.0, self.system_cpu_pct - self.server_cpu_pct - self.client_cpu_pct
+                   - (self.engine_cpu_pct or 0.0))
 
     def pct(self, name: str, q: float) -> float | None:
         v = getattr(self, name)
