@@ -1,5 +1,6 @@
 """G.711 mu-law: the encoder's lookup table against the formula and against audioop (bit-exact,
-every int16 value), and decode(encode(x)) within a G.711 step."""
+every int16 value), decode(encode(x)) within a G.711 step, and the reply media messages built
+from it."""
 
 from __future__ import annotations
 
@@ -41,3 +42,33 @@ def test_decode_of_encode_is_within_one_step() -> None:
     err = np.abs(back - ALL.astype(np.int64))
     # G.711's step doubles per segment: at most half of the largest (1024 -> 512) plus bias.
     assert err.max() <= 1024 and np.median(err) < 200
+
+
+@pytest.mark.parametrize("phone_mode", [False, True])
+async def test_reply_media_messages_are_json_whatever_the_stream_id(phone_mode: bool) -> None:
+    # Reply frames are built as text, not json.dumps: the client-chosen streamSid (quotes,
+    # backslashes, control characters, non-ASCII) must still come out as valid JSON.
+    import asyncio
+    import base64
+    import json
+    import logging
+    from types import SimpleNamespace
+
+    from server.frontends.media_socket import WebSocketAudioSink, WebSocketChannel, _Media
+    from server.utils import RateLimitedLog
+
+    sid = 'a"b\\c\n\u2028\u00e9}{'
+    channel = WebSocketChannel(asyncio.get_running_loop(), RateLimitedLog(logging.getLogger("t"), "t"))
+    session = SimpleNamespace(webrtc_id=sid, handler=SimpleNamespace(output_sample_rate=24000))
+    sink = WebSocketAudioSink(session, channel, phone_mode)  # type: ignore[arg-type]
+    pcm = ALL[::331].copy()
+    await sink.write(pcm)
+    item = channel.queue.get_nowait()
+    assert isinstance(item, _Media)
+    msg = json.loads(item.text)
+    assert msg["event"] == "media"
+    assert base64.b64decode(msg["media"]["payload"]) == ulaw_encode(pcm)
+    if phone_mode:
+        assert msg["streamSid"] == sid
+    else:
+        assert "streamSid" not in msg
