@@ -94,6 +94,11 @@ class StreamingResampler:
         assert torch.isclose(w.sum(), h.sum()), "polyphase decomposition lost taps"
         self._weight = w.unsqueeze(1).to(device=self.device, dtype=dtype).contiguous()  # [up, 1, K]
 
+    @property
+    def kernel(self) -> Tensor | None:
+        """The polyphase kernel [up, 1, K] `__call__` convolves with (None: same rate)."""
+        return self._weight
+
     def new_history(self, batch: int) -> Tensor:
         return torch.zeros(batch, self.history_size, device=self.device, dtype=self.dtype)
 
