@@ -1,6 +1,6 @@
 """Before and after in one run: `bench_reply` against two versions of the code, alternating.
 
-    python -m benchmarks.compare_reply --base REV [--sessions 50,100] [--repeat 2]
+    python -m benchmarks.compare_reply --base REV [--sessions 50,100] [--repeat 2] [--no-compression]
 
 The base revision is checked out into a temporary git worktree; the working tree is the
 "after". Each repeat runs the base, then the working tree, with the same arguments, so
@@ -41,9 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="batched")
     ap.add_argument("--frame-ms", default="20")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--no-compression", action="store_true", help="passed to bench_reply")
     ap.add_argument("--out", default=str(RESULTS_DIR / "compare_reply.md"))
     a = ap.parse_args(argv)
     args = ["--modes", a.modes, "--sessions", a.sessions, "--frame-ms", a.frame_ms]
+    if a.no_compression:
+        args.append("--no-compression")
     base_rev = subprocess.run(["git", "rev-parse", "--short", a.base], cwd=REPO_ROOT, check=True,
                               capture_output=True, text=True).stdout.strip()
     after = code_version()
