@@ -1,0 +1,134 @@
+"""The VAD engine's scripted batch (models/vad_core.py) against the eager pieces it replaces:
+`StreamingResampler.__call__`, then each stream's pending samples continued, then
+`SileroVAD.forward_windows` with per-stream window counts."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from models.resample import StreamingResampler
+from models.silero import SileroVAD
+from models.vad_core import VADBatchCore, script_core
+from server.vad_engine import VAD_RATE, WINDOW, VADEngine
+
+
+@pytest.fixture(scope="module")
+def model() -> SileroVAD:
+    return SileroVAD.from_package(VAD_RATE)
+
+
+@pytest.fixture(scope="module")
+def core(model: SileroVAD) -> torch.jit.ScriptModule:
+    return script_core(model)
+
+
+def _reference(model, rs, x, hist, pending, p, k, ctx, h, c):
+    """The batch the eager way, one stream at a time (no shared gather)."""
+    y, new_hist = rs(x, hist) if rs is not None else (x, None)
+    probs, pend, hs, cs, ctxs = [], [], [], [], []
+    t_max = int(k.max())
+    for i in range(x.shape[0]):
+        seq = torch.cat([pending[i, : int(p[i])], y[i]])
+        n = int(k[i])
+        w = seq[: n * WINDOW].reshape(1, n, WINDOW)
+        if n:
+            pr, hi, ci, cti = model.forward_windows(w, ctx[i : i + 1], h[i : i + 1], c[i : i + 1])
+        else:
+            pr, hi, ci, cti = torch.zeros(1, 0), h[i : i + 1], c[i : i + 1], ctx[i : i + 1]
+        probs.append(torch.nn.functional.pad(pr[0], (0, t_max - n)))
+        rest = seq[n * WINDOW :]
+        pend.append(torch.nn.functional.pad(rest, (0, WINDOW - rest.numel())))
+        hs.append(hi[0]), cs.append(ci[0]), ctxs.append(cti[0])
+    return torch.stack(probs), new_hist, torch.stack(pend), torch.stack(hs), torch.stack(cs), torch.stack(ctxs)
+
+
+@pytest.mark.parametrize("rate, n", [(48000, 4608), (48000, 28800), (8000, 960), (16000, 1536), (16000, 100), (44100, 2205)])
+@pytest.mark.parametrize("int16", [True, False])
+def test_scripted_batch_matches_the_eager_pieces(model, core, rate, n, int16) -> None:
+    g = torch.Generator().manual_seed(rate + n)
+    B = 6
+    rs = StreamingResampler(rate, VAD_RATE) if rate != VAD_RATE else None
+    n -= n % (rs.down if rs else 1)
+    signal = torch.randn(B, n, generator=g) * 0.2
+    x = (signal * 32768).round().clamp(-32768, 32767).to(torch.int16) if int16 else signal
+    xf = x.to(torch.float32) / 32768 if int16 else x
+    hist = torch.randn(B, rs.history_size, generator=g) * 0.1 if rs else None
+    pending = torch.randn(B, WINDOW, generator=g) * 0.1
+    p = torch.tensor([0, 1, 100, 511, 256, 37])
+    m = n * (rs.up if rs else 1) // (rs.down if rs else 1)
+    k = (p + m) // WINDOW
+    ctx = torch.randn(B, 64, generator=g) * 0.1
+    h = torch.randn(B, 128, generator=g) * 0.1
+    c = torch.randn(B, 128, generator=g) * 0.1
+    with torch.inference_mode(), torch.jit.optimized_execution(False):
+        got = core(x, 1 / 32768 if int16 else 1.0, hist, rs.kernel if rs else None, rs.down if rs else 1,
+                   pending, p, k, int(k.max()), ctx, h, c)
+        want = _reference(model, rs, xf, hist, pending, p, k, ctx, h, c)
+    names = ("probs", "hist", "pending", "h", "c", "ctx")
+    for name, a, b in zip(names, got, want):
+        if b is None:
+            assert a is None
+            continue
+        # the pending tail is compared over each stream's valid samples only
+        if name == "pending":
+            left = (p + m) - k * WINDOW
+            for i in range(B):
+                torch.testing.assert_close(a[i, : int(left[i])], b[i, : int(left[i])], atol=1e-6, rtol=0)
+            continue
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=lambda s, name=name: f"{name}: {s}")
+
+
+def test_resampling_in_row_slices_equals_one_conv(model) -> None:
+    """The CPU path slices rows to fit the cache; the result must not depend on the slicing."""
+    rs = StreamingResampler(48000, VAD_RATE)
+    whole, sliced = VADBatchCore(model), VADBatchCore(model)
+    whole.conv_slice = 1 << 40
+    sliced.conv_slice = 2 * (28800 + rs.history_size)  # two rows per conv call, 7 rows
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 28800, generator=g) * 0.1
+    hist = torch.randn(7, rs.history_size, generator=g) * 0.1
+    args = (x, 1.0, hist, rs.kernel, rs.down, torch.zeros(7, WINDOW), torch.zeros(7, dtype=torch.long),
+            torch.full((7,), 18), 18, torch.zeros(7, 64), torch.zeros(7, 128), torch.zeros(7, 128))
+    with torch.inference_mode():
+        for a, b in zip(whole(*args), sliced(*args)):
+            assert torch.equal(a, b)
+
+
+async def test_engine_runs_the_scripted_core_and_keeps_stream_state() -> None:
+    """Through the engine: a stream fed in uneven chunks gets the same probabilities as the
+    eager model over the whole signal resampled at once."""
+    eng = VADEngine(device="cpu", capacity=4)
+    assert isinstance(eng._core, torch.jit.ScriptModule)
+    calls: list[str] = []
+    run = eng._run_batch
+
+    def spy(items):
+        calls.append(threading.current_thread().name)
+        return run(items)
+
+    eng.batcher.fn = spy
+    rng = np.random.default_rng(3)
+    audio = (rng.standard_normal(48000 * 2) * 4000).astype(np.int16)
+    stream = eng.open_stream(48000)
+    try:
+        got = []
+        for a, b in ((0, 4608), (4608, 4611), (4611, 33411), (33411, 96000)):
+            got.append(await stream.process(audio[a:b]))
+        probs = np.concatenate(got)
+    finally:
+        stream.close()
+        eng.close()
+    assert calls and set(calls) == {"batcher-silero_vad"}
+    rs = StreamingResampler(48000, VAD_RATE)
+    y, _ = rs(torch.from_numpy(audio[None].astype(np.float32) / 32768), rs.new_history(1))
+    n = y.shape[1] // WINDOW
+    m = SileroVAD.from_package(VAD_RATE)
+    h, c, ctx = m.new_state(1)
+    with torch.inference_mode():
+        want, *_ = m.forward_windows(y[:, : n * WINDOW].reshape(1, n, WINDOW), ctx, h, c)
+    assert probs.shape == (n,)
+    np.testing.assert_allclose(probs, want[0].numpy(), atol=1e-5)
