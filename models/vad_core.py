@@ -22,6 +22,7 @@ from torch import Tensor, nn
 __all__ = ["VADBatchCore", "script_core"]
 
 CONV_SLICE_SAMPLES = 1 << 20  # input samples per resampling conv call on CPU (4 MB of float32)
+FEATURE_SLICE_WINDOWS = 1024  # windows per Silero front-end call on CPU
 
 
 class VADBatchCore(nn.Module):
@@ -37,6 +38,7 @@ class VADBatchCore(nn.Module):
         self.hop: int = int(model.hop_length)
         self.n_bins: int = int(model.n_bins)
         self.conv_slice: int = CONV_SLICE_SAMPLES
+        self.feat_slice: int = FEATURE_SLICE_WINDOWS
         self.register_buffer("basis_t", model.forward_basis[:, 0, :].t().contiguous())
         ws: List[Tensor] = []
         bs: List[Tensor] = []
@@ -81,8 +83,15 @@ class VADBatchCore(nn.Module):
         W = self.window
         C = self.context
         signal = torch.cat([context.to(windows.dtype), windows.reshape(B, T * W)], dim=1)
-        frames = signal.unfold(1, C + W, W)
-        feats = self.features(frames.reshape(B * T, C + W)).reshape(B, T, -1)
+        frames = signal.unfold(1, C + W, W).reshape(B * T, C + W)
+        # On CPU in slices of windows: bounded scratch memory (the spectrum of 3,800 windows is
+        # 16 MB) and cache-sized work (3,800 windows: 119 ms at once, 80 ms in slices of 1,024).
+        n = frames.shape[0]
+        step = n if frames.is_cuda else self.feat_slice
+        parts: List[Tensor] = []
+        for i in range(0, n, step):
+            parts.append(self.features(frames[i : i + step]))
+        feats = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)).reshape(B, T, -1)
         outs: List[Tensor] = []
         for t in range(T):  # only the recurrence is sequential
             h_new, c_new = torch.lstm_cell(feats[:, t], [h, c], self.w_ih, self.w_hh, self.b_ih, self.b_hh)
