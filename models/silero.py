@@ -217,9 +217,9 @@ class SileroVAD(nn.Module):
     def _windows_packed(self, feats: Tensor, signal: Tensor, h: Tensor, c: Tensor,
                         lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """CPU path of `forward_windows`: the whole ragged recurrence as ONE packed LSTM call
-        (same weights and gate math as the LSTMCell loop) instead of ~5 small ops per window.
-        On a server the per-op cost is Python dispatch under a GIL shared with the event
-        loop, so fewer ops is what makes a CPU batch fast. (CUDA keeps the cell loop: cuDNN's
+        (same weights and gate math as the LSTMCell loop) instead of ~5 small ops per window:
+        fewer ops, fewer GIL round trips for eager callers. (The server's engine runs the
+        whole batch as one TorchScript call instead: `models/vad_core.py`.) (CUDA keeps the cell loop: cuDNN's
         RNN may use TF32, which would break the 1e-4 agreement with the reference model.)"""
         B, T, _ = feats.shape
         W, C = self.window_size, self.context_size

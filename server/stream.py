@@ -42,15 +42,15 @@ announce = logging.getLogger("uvicorn.error")  # printed by uvicorn's default lo
 __all__ = ["Modality", "Mode", "Stream", "UnknownConnection"]
 
 
-
 def freeze_startup_objects() -> None:
     """Move every object built so far (torch, FastAPI, Gradio, the app: ~230k objects) out of
     the cyclic GC's reach: they live as long as the server. A full collection otherwise walks
     all of them, ~130 ms with the event loop stopped while every session's audio waits (one
-    every ~10 s at 200 voice sessions). New objects are collected as before; frozen ones are
+    per ~13 s in a 200-session run). New objects are collected as before; frozen ones are
     still freed by reference counting. Garbage is collected first so none is frozen."""
     gc.collect()
     gc.freeze()
+
 
 class Stream(FastAPI):
     def __init__(
