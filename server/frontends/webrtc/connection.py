@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import av
+import numpy as np
 from aiortc import MediaStreamTrack, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
 
@@ -24,6 +25,7 @@ from ...limits import MAX_CHANNEL_MESSAGE_BURST, MAX_CHANNEL_MESSAGE_BYTES, MAX_
 from ...reply_on_pause import ReplyOnPause
 from ...session import Session
 from ...utils import TokenBucket, call_on_loop, create_message, parse_json_message
+from .dtx import GAP_WAIT_S, GapFiller
 from .tracks import AudioOutputTrack, AVVideoOutputTrack, GeneratedVideoTrack, TrackAudioSink
 from .video import VideoPipeline
 
@@ -200,16 +202,48 @@ class WebRTCConnection:
         layout = getattr(handler, "expected_layout", "mono")
         channels = 2 if layout == "stereo" else 1
         resampler = av.AudioResampler(format="s16p", layout=layout, rate=rate)
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                self.session.close("client closed the audio track")
-                return
-            self.got_media.set()
-            for out in resampler.resample(frame):
-                # planar s16: (channels, samples), what handlers get (FastRTC: (1, n) mono)
-                await self.session.receive((rate, out.to_ndarray().reshape(channels, -1)))
+        loop = asyncio.get_running_loop()
+        gaps: GapFiller | None = None  # the media clock, from the first frame on (dtx.py)
+        carry = 0  # silence samples at the frame rate not yet whole at the handler's rate
+
+        async def silence(n: int, frame_rate: int) -> None:
+            nonlocal carry
+            total = n * rate + carry
+            out, carry = divmod(total, frame_rate)
+            if out:
+                await self.session.receive((rate, np.zeros((channels, out), np.int16)))
+
+        pending: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(track.recv())
+                if gaps is not None and gaps.waiting:
+                    done, _ = await asyncio.wait({pending}, timeout=GAP_WAIT_S)
+                    if not done:  # DTX, or the client stopped sending: the silence goes on
+                        n = gaps.on_wait(loop.time())
+                        if n:
+                            await silence(n, gaps.rate)
+                        continue
+                try:
+                    frame = await pending
+                except MediaStreamError:
+                    self.session.close("client closed the audio track")
+                    return
+                finally:
+                    pending = None
+                self.got_media.set()
+                if gaps is None:
+                    gaps = GapFiller(frame.sample_rate)
+                n = gaps.on_frame(frame.pts or 0, frame.samples, loop.time())
+                if n:
+                    await silence(n, frame.sample_rate)
+                for out in resampler.resample(frame):
+                    # planar s16: (channels, samples), what handlers get (FastRTC: (1, n) mono)
+                    await self.session.receive((rate, out.to_ndarray().reshape(channels, -1)))
+        finally:
+            if pending is not None:
+                pending.cancel()
 
     async def _feed_av_video(self, track: MediaStreamTrack) -> None:
         handler = self.session.handler

@@ -1,0 +1,94 @@
+"""Opus DTX for incoming WebRTC audio: ask the browser for it, and fill the gaps it leaves.
+
+A browser microphone in a quiet room sends 50 Opus packets a second, each of which the server
+must unprotect, reorder and decode in Python (aiortc). With `usedtx=1` in the answer's Opus
+`fmtp` (RFC 7587: the receiver prefers discontinuous transmission) Chromium sends ~5 a second
+while it hears silence (`benchmarks/results/bench_browser_dtx.md`).
+
+The handler must still hear that silence: `ReplyOnPause` finds a pause in the audio it is fed,
+so a turn that ends in DTX would wait for the next packet (or forever, if the client stops
+sending). `GapFiller` keeps the stream's media clock (the RTP timestamps of the decoded frames)
+and says how much silence to feed: the jump in timestamps when a packet arrives after a gap,
+and, while none arrives, the time that passed on the wall clock (a little behind it, so the next
+packet rarely lands before the silence already fed).
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["GapFiller", "with_opus_dtx", "GAP_WAIT_S", "MAX_GAP_FILL_S"]
+
+GAP_WAIT_S = 0.1  # no packet for this long: feed the silence the wall clock says has passed
+WALL_CLOCK_LAG_S = 0.06  # wall-clock silence stays this far behind "now" (network jitter)
+MAX_GAP_FILL_S = 2.0  # silence fed per gap at most: enough for any pause; then wait quietly
+
+_RTPMAP = re.compile(r"^a=rtpmap:(\d+) opus/48000(?:/\d+)?\r?$", re.IGNORECASE | re.MULTILINE)
+
+
+def with_opus_dtx(sdp: str) -> str:
+    """`sdp` with `usedtx=1` in the Opus `fmtp` of every audio section (a line added where
+    there is none; an existing `usedtx` is left as it is)."""
+    lines = sdp.split("\r\n")
+    pts = set(_RTPMAP.findall(sdp))
+    if not pts:
+        return sdp
+    out: list[str] = []
+    have_fmtp: set[str] = set()
+    for line in lines:
+        m = re.match(r"^a=fmtp:(\d+) (.*)$", line)
+        if m and m.group(1) in pts:
+            have_fmtp.add(m.group(1))
+            if not re.search(r"(^|;)\s*usedtx=", m.group(2)):
+                line = f"{line};usedtx=1"
+        out.append(line)
+    result: list[str] = []
+    for line in out:
+        result.append(line)
+        m = re.match(r"^a=rtpmap:(\d+) opus/48000", line, re.IGNORECASE)
+        if m and m.group(1) not in have_fmtp:
+            result.append(f"a=fmtp:{m.group(1)} usedtx=1")
+    return "\r\n".join(result)
+
+
+class GapFiller:
+    """One incoming audio stream's media clock (`rate` ticks a second, 32-bit RTP time)."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._next: int | None = None  # media time fed up to (RTP units, mod 2**32)
+        self._arrival_end = 0  # media time at the end of the last frame that arrived
+        self._arrival_t = 0.0  # when it arrived (monotonic seconds)
+        self._filled = 0  # silence fed since the last frame arrived
+
+    def on_frame(self, pts: int, samples: int, now: float) -> int:
+        """A decoded frame at RTP time `pts`: how much silence to feed before it."""
+        gap = 0
+        if self._next is not None:
+            ahead = (pts - self._next) % (1 << 32)
+            if ahead < (1 << 31):  # forward: a gap (DTX) or nothing; behind: already fed
+                gap = min(ahead, int(MAX_GAP_FILL_S * self.rate) - self._filled)
+                gap = max(gap, 0)
+        end = (pts + samples) % (1 << 32)
+        if self._next is None or (end - self._next) % (1 << 32) < (1 << 31):
+            self._next = end
+        self._arrival_end, self._arrival_t, self._filled = end, now, 0
+        return gap
+
+    def on_wait(self, now: float) -> int:
+        """No frame for a while: how much silence the wall clock says to feed now."""
+        if self._next is None:
+            return 0  # nothing arrived yet: no clock to follow
+        elapsed = now - self._arrival_t - WALL_CLOCK_LAG_S
+        due = int(elapsed * self.rate) - ((self._next - self._arrival_end) % (1 << 32))
+        due = min(due, int(MAX_GAP_FILL_S * self.rate) - self._filled)
+        if due <= 0:
+            return 0
+        self._next = (self._next + due) % (1 << 32)
+        self._filled += due
+        return due
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a gap may still need silence (the cap not reached, a clock known)."""
+        return self._next is not None and self._filled < int(MAX_GAP_FILL_S * self.rate)
