@@ -65,6 +65,18 @@ def test_gap_filler_follows_rtp_time_and_the_wall_clock() -> None:
     assert g.on_wait(t + 5) == 0
 
 
+def test_timestamps_that_race_ahead_get_no_more_silence_than_the_wall_clock() -> None:
+    """A client whose every packet claims 2 s have passed, sent every 20 ms: the silence fed
+    stays within the time that really passed (no 100 s of audio a second to process)."""
+    g = GapFiller(48000)
+    fed = 0
+    for i in range(50):  # one second of wall time
+        t = i * 0.02
+        fed += g.on_frame(i * 2 * 48000, 960, t) + 960
+        fed += g.on_wait(t + 0.01)
+    assert fed <= (1.0 + WALL_CLOCK_LAG_S) * 48000 + 960, fed / 48000
+
+
 # -- through the server -------------------------------------------------------------------------
 class QuietAfter(MediaStreamTrack):
     """Speech at real time, then either nothing at all (`then="stop"`) or one 20 ms frame of

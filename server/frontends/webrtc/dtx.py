@@ -52,7 +52,11 @@ def with_opus_dtx(sdp: str) -> str:
 
 
 class GapFiller:
-    """One incoming audio stream's media clock (`rate` ticks a second, 32-bit RTP time)."""
+    """One incoming audio stream's media clock (`rate` ticks a second, 32-bit RTP time).
+
+    Silence is also bounded by the wall clock: a budget that grows with the time that passes
+    and shrinks with what is fed (frames and silence). A client that makes its timestamps
+    jump ahead therefore gets no more silence fed than the time that really passed."""
 
     def __init__(self, rate: int) -> None:
         self.rate = rate
@@ -60,15 +64,27 @@ class GapFiller:
         self._arrival_end = 0  # media time at the end of the last frame that arrived
         self._arrival_t = 0.0  # when it arrived (monotonic seconds)
         self._filled = 0  # silence fed since the last frame arrived
+        self._budget = 0.0  # samples the wall clock allows to be fed now
+        self._budget_t: float | None = None
+        self._cap = int(MAX_GAP_FILL_S * rate)
+
+    def _refill(self, now: float) -> None:
+        if self._budget_t is None:
+            self._budget = WALL_CLOCK_LAG_S * self.rate
+        else:
+            self._budget = min(self._budget + (now - self._budget_t) * self.rate,
+                               self._cap + WALL_CLOCK_LAG_S * self.rate)
+        self._budget_t = now
 
     def on_frame(self, pts: int, samples: int, now: float) -> int:
         """A decoded frame at RTP time `pts`: how much silence to feed before it."""
+        self._refill(now)
         gap = 0
         if self._next is not None:
             ahead = (pts - self._next) % (1 << 32)
             if ahead < (1 << 31):  # forward: a gap (DTX) or nothing; behind: already fed
-                gap = min(ahead, int(MAX_GAP_FILL_S * self.rate) - self._filled)
-                gap = max(gap, 0)
+                gap = max(0, min(ahead, self._cap - self._filled, int(self._budget)))
+        self._budget -= gap + samples
         end = (pts + samples) % (1 << 32)
         if self._next is None or (end - self._next) % (1 << 32) < (1 << 31):
             self._next = end
@@ -79,16 +95,18 @@ class GapFiller:
         """No frame for a while: how much silence the wall clock says to feed now."""
         if self._next is None:
             return 0  # nothing arrived yet: no clock to follow
+        self._refill(now)
         elapsed = now - self._arrival_t - WALL_CLOCK_LAG_S
         due = int(elapsed * self.rate) - ((self._next - self._arrival_end) % (1 << 32))
-        due = min(due, int(MAX_GAP_FILL_S * self.rate) - self._filled)
+        due = min(due, self._cap - self._filled, int(self._budget))
         if due <= 0:
             return 0
         self._next = (self._next + due) % (1 << 32)
         self._filled += due
+        self._budget -= due
         return due
 
     @property
     def waiting(self) -> bool:
         """Whether a gap may still need silence (the cap not reached, a clock known)."""
-        return self._next is not None and self._filled < int(MAX_GAP_FILL_S * self.rate)
+        return self._next is not None and self._filled < self._cap
