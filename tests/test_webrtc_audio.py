@@ -79,6 +79,7 @@ async def test_receive_mode_streams_generated_audio(serve):
     client, answer = await connect(server.http, "rx", recv_audio=True)
     try:
         assert answer["type"] == "answer", answer
+        assert "usedtx" not in answer["sdp"]  # a client that only listens is asked no DTX
         await asyncio.sleep(2.5)
         loud = [a for _, a in client.audio if np.abs(a.astype(np.int32)).mean() > 2000]
         assert len(loud) > 40, len(loud)  # > 0.8 s of the tone arrived

@@ -140,21 +140,6 @@ async def test_a_turn_that_ends_in_dtx_or_quiet_still_gets_its_reply(serve, then
     await wait_for(lambda: stream.active_sessions == 0, 10)
 
 
-async def test_no_dtx_asked_of_a_client_that_only_listens(serve) -> None:
-    def tone():
-        t = np.arange(24000) / 24000
-        yield 24000, (np.sin(2 * np.pi * 440 * t) * 12000).astype(np.int16).reshape(1, -1)
-
-    stream = Stream(tone, modality="audio", mode="receive", concurrency_limit=2)
-    server = serve(stream)
-    client, answer = await connect(server.http, "rx-dtx", recv_audio=True)
-    try:
-        assert answer["type"] == "answer", answer
-        assert "usedtx" not in answer["sdp"]
-    finally:
-        await client.close()
-
-
 async def test_continuous_audio_gets_no_silence_added(serve) -> None:
     """A client that sends every packet: the handler gets exactly the audio sent."""
     got: list[int] = []
