@@ -23,7 +23,8 @@ from ...frames import FrameConverter
 from ...handlers import AsyncAudioVideoStreamHandler, AudioVideoStreamHandler, DataChannel, StreamHandlerBase
 from ...limits import MAX_CHANNEL_MESSAGE_BURST, MAX_CHANNEL_MESSAGE_BYTES, MAX_CHANNEL_MESSAGES_PER_S, NO_MEDIA_TIMEOUT_S
 from ...reply_on_pause import ReplyOnPause
-from ...session import Session
+from ...deadlines import call_deadlines
+from ...session import _HAS_UNCANCEL, Session
 from ...utils import TokenBucket, call_on_loop, create_message, parse_json_message
 from .dtx import GAP_WAIT_S, GapFiller
 from .tracks import AudioOutputTrack, AVVideoOutputTrack, GeneratedVideoTrack, TrackAudioSink
@@ -213,37 +214,51 @@ class WebRTCConnection:
             if out:
                 await self.session.receive((rate, np.zeros((channels, out), np.int16)))
 
-        pending: asyncio.Future[Any] | None = None
-        try:
-            while True:
-                if pending is None:
-                    pending = asyncio.ensure_future(track.recv())
-                if gaps is not None and gaps.waiting:
-                    done, _ = await asyncio.wait({pending}, timeout=GAP_WAIT_S)
-                    if not done:  # DTX, or the client stopped sending: the silence goes on
-                        n = gaps.on_wait(loop.time())
-                        if n:
-                            await silence(n, gaps.rate)
-                        continue
-                try:
-                    frame = await pending
-                except MediaStreamError:
-                    self.session.close("client closed the audio track")
-                    return
-                finally:
-                    pending = None
-                self.got_media.set()
-                if gaps is None:
-                    gaps = GapFiller(frame.sample_rate)
-                n = gaps.on_frame(frame.pts or 0, frame.samples, loop.time())
+        while True:
+            try:
+                frame = await self._next_frame(track, GAP_WAIT_S if gaps is not None and gaps.waiting else None)
+            except MediaStreamError:
+                self.session.close("client closed the audio track")
+                return
+            if frame is None:  # DTX, or the client stopped sending: the silence goes on
+                assert gaps is not None
+                n = gaps.on_wait(loop.time())
                 if n:
-                    await silence(n, frame.sample_rate)
-                for out in resampler.resample(frame):
-                    # planar s16: (channels, samples), what handlers get (FastRTC: (1, n) mono)
-                    await self.session.receive((rate, out.to_ndarray().reshape(channels, -1)))
+                    await silence(n, gaps.rate)
+                continue
+            self.got_media.set()
+            if gaps is None:
+                gaps = GapFiller(frame.sample_rate)
+            n = gaps.on_frame(frame.pts or 0, frame.samples, loop.time())
+            if n:
+                await silence(n, frame.sample_rate)
+            for out in resampler.resample(frame):
+                # planar s16: (channels, samples), what handlers get (FastRTC: (1, n) mono)
+                await self.session.receive((rate, out.to_ndarray().reshape(channels, -1)))
+
+    @staticmethod
+    async def _next_frame(track: MediaStreamTrack, wait_s: float | None) -> Any | None:
+        """The track's next frame, or None when `wait_s` passed without one. The wait is the
+        loop's deadline watcher (`server/deadlines.py`), as for every handler call: no timer or
+        task per frame. (`recv` is safe to cancel: a frame already queued stays queued.)"""
+        if wait_s is None:
+            return await track.recv()
+        if not _HAS_UNCANCEL:  # Python 3.10
+            try:
+                return await asyncio.wait_for(track.recv(), wait_s)
+            except asyncio.TimeoutError:
+                return None
+        deadlines = call_deadlines(asyncio.get_running_loop())
+        token = deadlines.start(wait_s)
+        try:
+            return await track.recv()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if deadlines.finish(token) and task is not None and task.uncancel() == 0:
+                return None  # our cancel, and nobody else's
+            raise
         finally:
-            if pending is not None:
-                pending.cancel()
+            deadlines.finish(token)
 
     async def _feed_av_video(self, track: MediaStreamTrack) -> None:
         handler = self.session.handler

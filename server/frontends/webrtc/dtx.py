@@ -23,32 +23,29 @@ GAP_WAIT_S = 0.1  # no packet for this long: feed the silence the wall clock say
 WALL_CLOCK_LAG_S = 0.06  # wall-clock silence stays this far behind "now" (network jitter)
 MAX_GAP_FILL_S = 2.0  # silence fed per gap at most: enough for any pause; then wait quietly
 
-_RTPMAP = re.compile(r"^a=rtpmap:(\d+) opus/48000(?:/\d+)?\r?$", re.IGNORECASE | re.MULTILINE)
+_OPUS_RTPMAP = re.compile(r"a=rtpmap:(\d+) opus/48000(?:/\d+)?", re.IGNORECASE)
+_FMTP = re.compile(r"a=fmtp:(\d+) (.*)")
+_HAS_USEDTX = re.compile(r"(^|;)\s*usedtx=")
 
 
 def with_opus_dtx(sdp: str) -> str:
     """`sdp` with `usedtx=1` in the Opus `fmtp` of every audio section (a line added where
     there is none; an existing `usedtx` is left as it is)."""
     lines = sdp.split("\r\n")
-    pts = set(_RTPMAP.findall(sdp))
-    if not pts:
+    opus = {m.group(1) for line in lines if (m := _OPUS_RTPMAP.fullmatch(line))}
+    if not opus:
         return sdp
+    with_fmtp = {m.group(1) for line in lines if (m := _FMTP.fullmatch(line)) and m.group(1) in opus}
     out: list[str] = []
-    have_fmtp: set[str] = set()
     for line in lines:
-        m = re.match(r"^a=fmtp:(\d+) (.*)$", line)
-        if m and m.group(1) in pts:
-            have_fmtp.add(m.group(1))
-            if not re.search(r"(^|;)\s*usedtx=", m.group(2)):
-                line = f"{line};usedtx=1"
+        m = _FMTP.fullmatch(line)
+        if m and m.group(1) in opus and not _HAS_USEDTX.search(m.group(2)):
+            line = f"{line};usedtx=1"
         out.append(line)
-    result: list[str] = []
-    for line in out:
-        result.append(line)
-        m = re.match(r"^a=rtpmap:(\d+) opus/48000", line, re.IGNORECASE)
-        if m and m.group(1) not in have_fmtp:
-            result.append(f"a=fmtp:{m.group(1)} usedtx=1")
-    return "\r\n".join(result)
+        m = _OPUS_RTPMAP.fullmatch(line)
+        if m and m.group(1) not in with_fmtp:
+            out.append(f"a=fmtp:{m.group(1)} usedtx=1")
+    return "\r\n".join(out)
 
 
 class GapFiller:
