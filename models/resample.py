@@ -135,21 +135,38 @@ class StreamingResampler:
     def process_numpy(self, x: np.ndarray, history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One stream on the CPU with numpy: the same filter and alignment as `__call__`, for
         small single-stream work (reply audio) where a torch conv1d costs more than the math
-        (its oneDNN path takes ~5 ms for a 0.5 s chunk; this is a BLAS matmul, ~0.2 ms)."""
+        (its oneDNN path takes ~5 ms for a 0.5 s chunk).
+
+        Polyphase by blocks of `down` samples: with B[i, r] = buf[i*down + r] (a reshape, no
+        copy) and the kernel cut the same way, Wq[q] = w[q*down : (q+1)*down] ([down, up]),
+        output frame t is sum_q B[t + q] @ Wq[q]: ceil(K/down) BLAS matmuls over contiguous
+        rows. 48 -> 24 kHz, 0.5 s: ~0.19 ms, against ~0.7 ms for one matmul over a strided
+        window view (not BLAS-able, numpy's own loop)."""
         x = np.asarray(x, dtype=np.float32).reshape(-1)
         if x.size % self.down:
             raise ValueError(f"chunk length {x.size} is not a multiple of down={self.down}")
         if self._weight is None:
             return x.copy(), np.asarray(history, dtype=np.float32)
         if self._np_weight is None:
-            self._np_weight = self._weight[:, 0, :].to("cpu", torch.float32).numpy().T.copy()  # [K, up]
-        w = self._np_weight
+            w = self._weight[:, 0, :].to("cpu", torch.float32).numpy().T  # [K, up]
+            q = -(-w.shape[0] // self.down)
+            padded = np.zeros((q * self.down, self.up), dtype=np.float32)
+            padded[: w.shape[0]] = w
+            self._np_weight = padded.reshape(q, self.down, self.up)  # [Q, down, up]
+        wq = self._np_weight
         buf = np.concatenate([np.asarray(history, dtype=np.float32).reshape(-1), x])
-        if x.size == 0:
-            return np.zeros(0, np.float32), buf[buf.size - self.history_size:].copy()
-        frames = np.lib.stride_tricks.sliding_window_view(buf, w.shape[0])[:: self.down]
-        y = (frames[: x.size // self.down] @ w).reshape(-1)  # [T, up] -> interleaved branches
-        return y.astype(np.float32, copy=False), buf[buf.size - self.history_size:].copy()
+        new_history = buf[buf.size - self.history_size:].copy()
+        t_out = x.size // self.down
+        if t_out == 0:
+            return np.zeros(0, np.float32), new_history
+        rows = t_out + wq.shape[0] - 1
+        if buf.size < rows * self.down:  # the zero taps of the padded kernel read past the end
+            buf = np.concatenate([buf, np.zeros(rows * self.down - buf.size, np.float32)])
+        blocks = buf[: rows * self.down].reshape(rows, self.down)
+        y = blocks[:t_out] @ wq[0]
+        for q in range(1, wq.shape[0]):
+            y += blocks[q : q + t_out] @ wq[q]
+        return y.reshape(-1), new_history
 
     def resample(self, x: Tensor) -> Tensor:
         """Whole-signal convenience, aligned with ``resample_poly`` (length n*up//down)."""

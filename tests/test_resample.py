@@ -297,7 +297,8 @@ def test_cuda_matches_cpu() -> None:
     torch.testing.assert_close(y_gpu.cpu(), y_cpu, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("rates", [(48000, 24000), (16000, 48000), (24000, 8000), (24000, 16000), (8000, 8000)])
+@pytest.mark.parametrize("rates", [(48000, 24000), (16000, 48000), (24000, 8000), (24000, 16000), (8000, 8000),
+                                   (44100, 48000), (48000, 44100), (24000, 48000)])
 def test_numpy_path_matches_torch_streaming(rates):
     """`process_numpy` (single-stream reply audio) equals the batched torch path, chunk by chunk."""
     rs = StreamingResampler(*rates)
