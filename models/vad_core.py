@@ -108,12 +108,17 @@ class VADBatchCore(nn.Module):
 
     def forward(self, x: Tensor, scale: float, hist: Optional[Tensor], rs_weight: Optional[Tensor],
                 down: int, pending: Tensor, pending_len: Tensor, n_windows: Tensor, t_max: int,
-                ctx: Tensor, h: Tensor, c: Tensor
+                ctx: Tensor, h: Tensor, c: Tensor, in_len: Optional[Tensor] = None
                 ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor, Tensor]:
         """One batch. x [B, n] int16 (scaled by `scale`) or float32 samples at the streams'
         rate; hist/rs_weight: the resampler's per-stream history and polyphase kernel (None: x
         is at 16 kHz already); pending [B, window] with pending_len [B] valid samples;
         n_windows [B] windows each stream completes (t_max their max); ctx, h, c: state.
+        in_len [B]: each row's own length when rows are zero-padded to n (None: all n). The
+        padding changes nothing a stream keeps: the resampler is causal (a row's first
+        in_len*up/down outputs see only its own samples), only `n_windows` windows run per
+        stream, the pending tail's valid part ends where the stream's output does, and the
+        history is taken at each row's own end.
         Returns (probs [B, t_max], new hist, new pending, h, c, ctx)."""
         x = x.to(torch.float32)
         if scale != 1.0:
@@ -131,7 +136,11 @@ class VADBatchCore(nn.Module):
                 outs.append(F.conv1d(buf[i : i + rows].unsqueeze(1), rs_weight, stride=down))
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
             y = out.transpose(1, 2).reshape(b, -1)
-            new_hist = buf[:, buf.shape[1] - hist.shape[1]:].clone()
+            if in_len is None:
+                new_hist = buf[:, buf.shape[1] - hist.shape[1]:].clone()
+            else:  # the last H samples of [hist | x[:in_len]]
+                at = in_len.unsqueeze(1) + torch.arange(hist.shape[1], device=buf.device).unsqueeze(0)
+                new_hist = buf.gather(1, at)
         b = y.shape[0]
         m = y.shape[1]
         W = self.window

@@ -18,6 +18,7 @@ import asyncio
 import inspect
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,10 @@ ARGS_TIMEOUT_S = 10.0
 # Outside a turn, audio that never reaches this int16 peak (-66 dBFS: digital silence, a muted
 # microphone; a quiet room's noise floor is louder) skips the VAD (see `_silent`).
 SILENT_PEAK = 16
+# While a hop is being judged in the background (see `ReplyOnPause.receive`), at most this
+# much audio waits for the next one; past it, `receive` waits too (the front end then stops
+# reading the client, as it did before hops were judged in the background).
+MAX_WAITING_AUDIO_S = 2.0
 
 
 @dataclass
@@ -126,6 +131,8 @@ class _TurnState:
     quiet_samples: int = 0
     held: list[np.ndarray] = field(default_factory=list)
     held_len: int = 0
+    # Hops judged in the background: windows since the rule was last checked, short of a hop.
+    unchecked: int = 0
 
 
 class ReplyOnPause(AsyncStreamHandler):
@@ -183,6 +190,9 @@ class ReplyOnPause(AsyncStreamHandler):
         self._reply: asyncio.Task | None = None
         self.replies_started = 0
         self._shut_down = False
+        self._hops: asyncio.Task | None = None  # hops judged in the background (`_behind`)
+        self._behind = False
+        self._hop_error: Exception | None = None
 
     def _init_kwargs(self) -> dict[str, Any]:
         """The constructor arguments each connection's copy is made with (subclasses add
@@ -233,29 +243,91 @@ class ReplyOnPause(AsyncStreamHandler):
         st = self._state  # after a reset: the first frame belongs to the new state
         st.buffer.append(audio)
         st.buffered += audio.shape[-1]
-        algo = self.algo_options
-        sliding = algo.pause_window == "sliding" and self.model is None
-        if sliding:
-            # Before a turn only its start is looked for, which may come a chunk late (the
-            # window's audio is kept and becomes the utterance's start): tumbling's pace.
-            hop = algo.sliding_hop_s if st.started_talking else algo.audio_chunk_duration
-        else:
-            hop = algo.audio_chunk_duration
-        if st.buffered < hop * sr:
+        if self._hop_error is not None:  # the background hop failed: this call reports it
+            e, self._hop_error = self._hop_error, None
+            raise e
+        if self._hops is not None:  # a hop is being judged: this audio waits for the next one
+            if st.buffered > MAX_WAITING_AUDIO_S * sr:
+                await asyncio.shield(self._hops)
             return
+        chunk = self._due(st, sr)
+        if chunk is None:
+            return
+        if self._behind:
+            self._hops = asyncio.create_task(self._judge_in_background(chunk))
+        else:
+            await self._judge(chunk)
+
+    # A hop is judged while `receive` waits (the next frame is read only after its verdict)
+    # as long as the VAD answers sooner than the hop's audio lasts. When it answers later (a
+    # loaded engine: 250 ms for a 96 ms hop), a session judged that way falls further behind
+    # its client with every hop, its frames piling up unread. It then goes `_behind`: hops are
+    # judged in a task while `receive` keeps taking audio, and each next hop is all the audio
+    # that came meanwhile (one VAD item however long the wait), its rule still checked every
+    # `sliding_hop_s` of it (`_groups`).
+    def _due(self, st: _TurnState, sr: int) -> np.ndarray | None:
+        """The audio of the next hop (sliding) or chunk (tumbling), taken from the buffer, or
+        None while not enough has come."""
+        sliding = self.algo_options.pause_window == "sliding" and self.model is None
+        hop = self._hop_s(st)
+        if st.buffered < hop * sr:
+            return None
         if sliding and st.started_talking and st.held_len + st.buffered <= st.quiet_samples:
             st.held += st.buffer  # no pause can be decided here: check at a later hop
             st.held_len += st.buffered
             st.buffer, st.buffered = [], 0
-            return
-        chunk = np.concatenate(st.held + st.buffer, axis=-1)
-        st.held, st.held_len, st.buffer, st.buffered = [], 0, [], 0
-        if sliding:
+            return None
+        if sliding:  # everything that came: one VAD item, the rule checked per hop in it
+            parts = st.held + st.buffer
+            st.held, st.held_len, st.buffer, st.buffered = [], 0, [], 0
+        else:  # FastRTC's chunks: the frames up to the first that completes one
+            parts, n = [], 0
+            while n < hop * sr:
+                parts.append(st.buffer.pop(0))
+                n += parts[-1].shape[-1]
+            st.buffered -= n
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+
+    def _hop_s(self, st: _TurnState) -> float:
+        """Seconds of audio per hop (sliding) or chunk (tumbling) in this state."""
+        algo = self.algo_options
+        if algo.pause_window == "sliding" and self.model is None and st.started_talking:
+            return algo.sliding_hop_s
+        # Before a turn only its start is looked for, which may come a chunk late (the
+        # window's audio is kept and becomes the utterance's start): tumbling's pace.
+        return algo.audio_chunk_duration
+
+    async def _judge(self, chunk: np.ndarray) -> None:
+        sr = self._state.sample_rate
+        started = time.monotonic()
+        if self.algo_options.pause_window == "sliding" and self.model is None:
             await self._on_hop(sr, chunk)
         else:
             await self._on_chunk(sr, chunk)
+        # Against one hop, not this chunk: a merged chunk judged in less than it lasts says
+        # nothing about whether the next single hop would be.
+        self._behind = time.monotonic() - started > self._hop_s(self._state)
+
+    async def _judge_in_background(self, chunk: np.ndarray | None) -> None:
+        try:
+            while chunk is not None and not self._shut_down:
+                await self._judge(chunk)
+                chunk = self._due(self._state, self._state.sample_rate)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # reported by the next `receive`, as if it had raised there
+            self._hop_error = e
+        finally:
+            if self._hops is asyncio.current_task():
+                self._hops = None
+
+    def _cancel_hops(self) -> None:
+        if self._hops is not None:
+            self._hops.cancel()
+            self._hops = None
 
     def _reset_vad(self, sr: int) -> None:
+        self._cancel_hops()  # they judge the old rate's audio with the old stream
         if self._vad is not None:
             self._vad.close()
             self._vad = None
@@ -330,6 +402,30 @@ class ReplyOnPause(AsyncStreamHandler):
             probs = np.zeros(0, dtype=np.float32)  # keep the audio, decide on the next hop
         if self._state is not st:  # the session reset while the VAD ran
             return
+        if not self._behind or probs.size == 0:
+            st.unchecked = 0
+            await self._step(sr, piece, probs)
+            return
+        # Audio of several hops (it came while the previous hop was judged): the rule is
+        # checked after each hop's worth of windows, as if they had come one by one; windows
+        # short of a hop wait, unchecked, for the next piece's. The audio is cut with the
+        # windows, each window's share of the piece.
+        n, total, done = piece.shape[-1], probs.size, 0
+        while done < total and self._state is st:
+            hop = algo.sliding_hop_s if st.started_talking else algo.audio_chunk_duration
+            need = max(1, round(hop * VAD_RATE / WINDOW) - st.unchecked)
+            end = min(total, done + need)
+            full = end - done == need
+            st.unchecked = 0 if full else st.unchecked + end - done
+            await self._step(sr, piece[..., n * done // total : n * end // total], probs[done:end],
+                             decide=full)
+            done = end
+
+    async def _step(self, sr: int, piece: np.ndarray, probs: np.ndarray, decide: bool = True) -> None:
+        """One hop: `probs` are the windows the VAD finished in `piece`; the rule is checked
+        on the window they end unless `decide` is False."""
+        st = self._state
+        algo = self.algo_options
         span = algo.sliding_window_s or algo.audio_chunk_duration * 4 / 3
         window = max(1, round(span * VAD_RATE / WINDOW))
         st.probs.extend(probs.tolist())
@@ -345,8 +441,8 @@ class ReplyOnPause(AsyncStreamHandler):
             keep = span * sr
             while st.recent and st.recent_len - st.recent[0].shape[-1] >= keep:
                 st.recent_len -= st.recent.popleft().shape[-1]
-        if probs.size == 0:
-            return  # no new window, no new decision
+        if probs.size == 0 or not decide:
+            return  # no new window (or not a whole hop's), no new decision
         if not st.started_talking:
             if max(st.probs) < self.model_options.threshold:
                 return  # no window above the threshold: no speech (and no segment logic)
@@ -565,6 +661,11 @@ class ReplyOnPause(AsyncStreamHandler):
     def shutdown(self) -> None:
         """May run on a handler thread: the reply task is cancelled on its own loop."""
         self._shut_down = True
+        if self._hops is not None:
+            if self._loop is not None:
+                call_on_loop(self._loop, self._cancel_hops)
+            else:
+                self._cancel_hops()
         if self._reply is not None:
             if self._loop is not None:
                 call_on_loop(self._loop, self._reply.cancel)

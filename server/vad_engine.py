@@ -110,7 +110,10 @@ class VADEngine:
             # audio is never dropped for lateness; the deadline steers the flush only
             config=BatchingConfig(max_batch_size, max_queue_delay_ms, max_queue_size,
                                   deadline_ms=LATENCY_BUDGET_S * 1e3, drop_if_late=False),
-            group_key=lambda w: (w.rate, w.samples.shape[0]),
+            # Chunks whose lengths share a power-of-two range (so at most 2x apart) share a
+            # batch, zero-padded: a session whose hops came late sends longer ones, and
+            # grouping by exact length would split the batch into many small ones.
+            group_key=lambda w: (w.rate, w.samples.shape[0].bit_length()),
             initializer=self._init_worker_thread,
         )
 
@@ -148,13 +151,21 @@ class VADEngine:
         if any(c.dtype != chunks[0].dtype for c in chunks):
             chunks = [to_float32(c) for c in chunks]  # mixed clients: convert each
         scale = 1 / 32768 if chunks[0].dtype == np.int16 else None
-        if dev.type == "cuda":  # stack straight into pinned memory, then copy asynchronously
-            host = torch.empty((len(chunks), chunks[0].shape[0]), pin_memory=True,
-                               dtype=torch.int16 if scale else torch.float32)
-            np.stack(chunks, out=host.numpy())
-            x = host.to(dev, non_blocking=True)
+        lengths = [c.shape[0] for c in chunks]
+        n = max(lengths)
+        ragged = min(lengths) != n  # rows zero-padded to the longest (see VADBatchCore)
+        shape, dtype = (len(chunks), n), (torch.int16 if scale else torch.float32)
+        # CUDA: straight into pinned memory, then copied asynchronously
+        host = torch.empty(shape, pin_memory=True, dtype=dtype) if dev.type == "cuda" else None
+        if not ragged:
+            stacked = np.stack(chunks, out=None if host is None else host.numpy())
         else:
-            x = torch.from_numpy(np.stack(chunks))
+            stacked = np.zeros(shape, dtype=chunks[0].dtype) if host is None else host.numpy()
+            if host is not None:
+                stacked.fill(0)
+            for i, c in enumerate(chunks):
+                stacked[i, : c.shape[0]] = c
+        x = host.to(dev, non_blocking=True) if host is not None else torch.from_numpy(stacked)
         slots = [w.stream.slot for w in items]
         k_host = [w.n_windows for w in items]
         with torch.inference_mode():
@@ -176,6 +187,7 @@ class VADEngine:
                 probs, new_hist, new_pending, h, c, ctx = self._core(
                     x, scale or 1.0, hist, rs_weight, down, st["pending"], p, k, max(k_host),
                     st["ctx"], st["h"], st["c"],
+                    torch.tensor(lengths, device=dev) if ragged else None,
                 )
             probs_host = probs.float().cpu().numpy()
         # Write-back is the last step: a batch that raised above never advances a stream.

@@ -254,3 +254,61 @@ async def test_skipped_checks_move_no_pause_and_halve_the_vad_items_mid_speech()
         results[skipping] = (pauses_at, hops)
     assert len(results[True][0]) >= 9 and results[True][0] == results[False][0]
     assert results[True][1] < 0.8 * results[False][1], results
+
+
+async def _pauses_behind(audio: np.ndarray) -> list[float]:
+    """As `pauses(audio, "sliding", 20)`, but every hop is judged in the background (as for a
+    session whose VAD answers later than its audio lasts) while frames keep coming: each hop
+    is then all the audio that came meanwhile, up to MAX_WAITING_AUDIO_S of it. A pause is
+    timed at the end of the audio judged when it was found (`pauses` times it at the end of
+    the audio fed, the same thing when each hop is judged before the next frame)."""
+    from benchmarks.bench_pauses import _Log
+    import asyncio
+
+    handler = ReplyOnPause(lambda a: None, input_sample_rate=RATE)
+    log = _Log()
+    handler.set_channel(log)  # type: ignore[arg-type]
+    judge = handler._judge
+    sizes: list[int] = []
+
+    async def always_behind(chunk: np.ndarray) -> None:
+        sizes.append(chunk.shape[-1])
+        await judge(chunk)
+        handler._behind = True
+
+    handler._judge = always_behind  # type: ignore[method-assign]
+    handler._behind = True
+    step_fn = handler._step
+    judged = 0
+
+    async def timed_step(sr: int, piece: np.ndarray, probs: np.ndarray, decide: bool = True) -> None:
+        nonlocal judged  # a pause is logged at the end of the audio judged so far
+        judged += piece.shape[-1]
+        log.fed_s = judged / RATE
+        await step_fn(sr, piece, probs, decide)
+
+    handler._step = timed_step  # type: ignore[method-assign]
+    step = RATE // 50
+    try:
+        for i in range(0, audio.size - step + 1, step):
+            await handler.receive((RATE, audio[None, i:i + step]))
+            await asyncio.sleep(0)
+        while handler._hops is not None:
+            await asyncio.sleep(0.01)
+    finally:
+        handler.shutdown()
+    assert max(sizes) > 10 * RATE * 0.096, sizes  # hops of many frames were judged at once
+    return log.pauses
+
+
+async def test_hops_judged_in_the_background_find_the_same_turns() -> None:
+    # Each pause is found once per turn, as when every hop is judged in turn, only later in
+    # audio time (what came while the VAD worked), never sooner.
+    for name in SPEECH_FIXTURES:
+        rec = fixture(name)
+        inline, behind = await pauses(rec.audio, "sliding", 20), await _pauses_behind(rec.audio)
+        a, b = score(rec, inline), score(rec, behind)
+        assert (b["false"], b["missed"]) == (a["false"], a["missed"]), (name, a, b)
+        assert len(behind) == len(inline), (name, inline, behind)
+        for t_inline, t_behind in zip(inline, behind):
+            assert t_inline - 0.1 <= t_behind <= t_inline + 2.2, (name, inline, behind)

@@ -134,3 +134,74 @@ async def test_engine_runs_the_scripted_core_and_keeps_stream_state() -> None:
         want, *_ = m.forward_windows(y[:, : n * WINDOW].reshape(1, n, WINDOW), ctx, h, c)
     assert probs.shape == (n,)
     np.testing.assert_allclose(probs, want[0].numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("rate", [48000, 16000])
+def test_rows_of_different_lengths_match_each_stream_alone(model, core, rate) -> None:
+    """Rows zero-padded to the longest (a session whose hops came late sends a longer one)
+    give each stream what it gets alone: probabilities, history, pending tail, state."""
+    g = torch.Generator().manual_seed(7)
+    rs = StreamingResampler(rate, VAD_RATE) if rate != VAD_RATE else None
+    up, down = (rs.up, rs.down) if rs else (1, 1)
+    lengths = [n - n % down for n in (4800, 9600, 4803, 14400, 960, 7203)]
+    B, n_max = len(lengths), max(lengths)
+    x = torch.zeros(B, n_max)
+    for i, n in enumerate(lengths):
+        x[i, :n] = torch.randn(n, generator=g) * 0.2
+    x[0, lengths[0]:] = 0.5  # padding is never read: make it loud, not silent
+    hist = torch.randn(B, rs.history_size, generator=g) * 0.1 if rs else None
+    pending = torch.randn(B, WINDOW, generator=g) * 0.1
+    p = torch.tensor([0, 1, 100, 511, 256, 37])
+    m = torch.tensor(lengths) * up // down
+    k = (p + m) // WINDOW
+    ctx = torch.randn(B, 64, generator=g) * 0.1
+    h = torch.randn(B, 128, generator=g) * 0.1
+    c = torch.randn(B, 128, generator=g) * 0.1
+    with torch.inference_mode(), torch.jit.optimized_execution(False):
+        got = core(x, 1.0, hist, rs.kernel if rs else None, down, pending, p, k, int(k.max()),
+                   ctx, h, c, torch.tensor(lengths))
+        for i, n in enumerate(lengths):
+            s = slice(i, i + 1)
+            want = _reference(model, rs, x[s, :n], hist[s] if rs else None, pending[s], p[s], k[s],
+                              ctx[s], h[s], c[s])
+            kk, left = int(k[i]), int(p[i] + m[i] - k[i] * WINDOW)
+            torch.testing.assert_close(got[0][i, :kk], want[0][0, :kk], atol=1e-5, rtol=0)
+            assert not got[0][i, kk:].any()
+            if rs:
+                torch.testing.assert_close(got[1][i], want[1][0], atol=1e-6, rtol=0)
+            torch.testing.assert_close(got[2][i, :left], want[2][0, :left], atol=1e-6, rtol=0)
+            for j in (3, 4, 5):  # h, c, ctx
+                torch.testing.assert_close(got[j][i], want[j][0], atol=1e-5, rtol=0)
+
+
+async def test_engine_batches_streams_whose_chunks_differ_in_length() -> None:
+    """Chunks whose lengths share a power-of-two range share one batch; each stream's
+    probabilities are the ones it gets fed alone."""
+    rng = np.random.default_rng(5)
+    audio = [(rng.standard_normal(48000) * 4000).astype(np.int16) for _ in range(3)]
+    cuts = [(4800, 9600), (6720, 9600), (8160, 9600)]  # first chunks of three lengths
+    alone = []
+    for a, (c1, c2) in zip(audio, cuts):
+        eng = VADEngine(device="cpu", capacity=2)
+        s = eng.open_stream(48000)
+        try:
+            alone.append(np.concatenate([await s.process(a[:c1]), await s.process(a[c1:c1 + c2])]))
+        finally:
+            s.close()
+            eng.close()
+    eng = VADEngine(device="cpu", capacity=4, max_queue_delay_ms=200)
+    sizes: list[int] = []
+    run = eng._run_batch
+    eng.batcher.fn = lambda items: (sizes.append(len(items)), run(items))[1]
+    streams = [eng.open_stream(48000) for _ in audio]
+    try:
+        import asyncio
+        first = await asyncio.gather(*(s.process(a[:c1]) for s, a, (c1, _) in zip(streams, audio, cuts)))
+        second = await asyncio.gather(*(s.process(a[c1:c1 + c2]) for s, a, (c1, c2) in zip(streams, audio, cuts)))
+    finally:
+        for s in streams:
+            s.close()
+        eng.close()
+    assert sizes[0] == 3, sizes  # 4800, 6720 and 8160 samples: one batch
+    for i in range(3):
+        np.testing.assert_allclose(np.concatenate([first[i], second[i]]), alone[i], atol=1e-5)
