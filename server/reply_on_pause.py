@@ -264,7 +264,7 @@ class ReplyOnPause(AsyncStreamHandler):
     # its client with every hop, its frames piling up unread. It then goes `_behind`: hops are
     # judged in a task while `receive` keeps taking audio, and each next hop is all the audio
     # that came meanwhile (one VAD item however long the wait), its rule still checked every
-    # `sliding_hop_s` of it (`_groups`).
+    # `sliding_hop_s` of it (`_on_hop`).
     def _due(self, st: _TurnState, sr: int) -> np.ndarray | None:
         """The audio of the next hop (sliding) or chunk (tumbling), taken from the buffer, or
         None while not enough has come."""
