@@ -190,7 +190,10 @@ async def test_a_poison_session_is_found_closed_and_bystanders_keep_full_rate(se
         await wait_for(lambda: len(bad.frames) >= 3 and len(good.frames) >= 3, 60)
         stream.set_input("bad", kind)
         await wait_for(lambda: "bad" not in stream.sessions, 60)
-        assert any("crashed or hung" in e for e in errors(bad)), errors(bad)
+        # The error is sent before the close but reaches the client over its data channel
+        # after the server has dropped the session (seen once under a loaded CI run).
+        await wait_for(lambda: any("crashed or hung" in e for e in errors(bad)), 10,
+                       what="the fault's error reaching the client")
         # the bystander: full rate again once the killed child has been replaced (a few
         # seconds: a fresh process imports torch), never told about a fault
         n = len(good.frames)
