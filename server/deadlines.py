@@ -14,8 +14,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 import weakref
+from collections.abc import Awaitable
+from typing import TypeVar
 
-__all__ = ["CallDeadlines", "call_deadlines"]
+__all__ = ["CallDeadlines", "CallTimedOut", "call_deadlines"]
+
+T = TypeVar("T")
+_HAS_UNCANCEL = hasattr(asyncio.Task, "uncancel")  # 3.11+: telling our cancel from others'
+
+
+class CallTimedOut(Exception):
+    """`CallDeadlines.run`'s call outlived its timeout (not the call's own TimeoutError)."""
 
 MAX_CHECK_PERIOD_S = 0.25
 
@@ -51,6 +60,26 @@ class CallDeadlines:
             self._fired.discard(token)
             return True
         return False
+
+    async def run(self, aw: Awaitable[T], timeout: float) -> T:
+        """Await `aw` for at most `timeout` seconds; CallTimedOut if it took longer (a cancel
+        from anyone else propagates as it is). Python 3.10 has no `Task.uncancel`: there it
+        is `asyncio.wait_for`, a timer per call."""
+        if not _HAS_UNCANCEL:
+            try:
+                return await asyncio.wait_for(aw, timeout)
+            except asyncio.TimeoutError:
+                raise CallTimedOut from None
+        token = self.start(timeout)
+        try:
+            return await aw
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self.finish(token) and task is not None and task.uncancel() == 0:
+                raise CallTimedOut from None  # our cancel, and nobody else's
+            raise
+        finally:
+            self.finish(token)
 
     def __len__(self) -> int:
         return len(self._calls)

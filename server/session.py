@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .deadlines import call_deadlines
+from .deadlines import CallTimedOut, call_deadlines
 from .handler_pool import HandlerPool, default_pool
 from .handlers import AsyncStreamHandler, DataChannel, StreamHandlerBase
 from .outputs import InvalidOutput, Output, parse_output
@@ -55,7 +55,6 @@ SPIN_CALLS = 1000
 SPIN_SECONDS = 5.0
 
 
-_HAS_UNCANCEL = hasattr(asyncio.Task, "uncancel")  # 3.11+: `call_limited`'s watcher needs it
 
 
 @functools.lru_cache(maxsize=1024)
@@ -298,23 +297,11 @@ class Session:
         timeout = self.config.handler_timeout
         if timeout is None:
             return await self.call(fn, *args)
-        if not _HAS_UNCANCEL:  # Python 3.10
-            try:
-                return await asyncio.wait_for(self.call(fn, *args), timeout)
-            except asyncio.TimeoutError:
-                self._timed_out(fn, timeout)
         # This runs for every media frame: one watcher per loop instead of a timer per call.
-        deadlines = self._deadlines
-        token = deadlines.start(timeout)
         try:
-            return await self.call(fn, *args)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if deadlines.finish(token) and task is not None and task.uncancel() == 0:
-                self._timed_out(fn, timeout)  # our cancel, and nobody else's
-            raise
-        finally:
-            deadlines.finish(token)
+            return await self._deadlines.run(self.call(fn, *args), timeout)
+        except CallTimedOut:
+            self._timed_out(fn, timeout)
 
     def _timed_out(self, fn: Callable[..., Any], timeout: float) -> NoReturn:
         name = getattr(fn, "__qualname__", repr(fn))

@@ -23,8 +23,8 @@ from ...frames import FrameConverter
 from ...handlers import AsyncAudioVideoStreamHandler, AudioVideoStreamHandler, DataChannel, StreamHandlerBase
 from ...limits import MAX_CHANNEL_MESSAGE_BURST, MAX_CHANNEL_MESSAGE_BYTES, MAX_CHANNEL_MESSAGES_PER_S, NO_MEDIA_TIMEOUT_S
 from ...reply_on_pause import ReplyOnPause
-from ...deadlines import call_deadlines
-from ...session import _HAS_UNCANCEL, Session
+from ...deadlines import CallTimedOut, call_deadlines
+from ...session import Session
 from ...utils import TokenBucket, call_on_loop, create_message, parse_json_message
 from .dtx import GAP_WAIT_S, GapFiller
 from .tracks import AudioOutputTrack, AVVideoOutputTrack, GeneratedVideoTrack, TrackAudioSink
@@ -243,22 +243,10 @@ class WebRTCConnection:
         task per frame. (`recv` is safe to cancel: a frame already queued stays queued.)"""
         if wait_s is None:
             return await track.recv()
-        if not _HAS_UNCANCEL:  # Python 3.10
-            try:
-                return await asyncio.wait_for(track.recv(), wait_s)
-            except asyncio.TimeoutError:
-                return None
-        deadlines = call_deadlines(asyncio.get_running_loop())
-        token = deadlines.start(wait_s)
         try:
-            return await track.recv()
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if deadlines.finish(token) and task is not None and task.uncancel() == 0:
-                return None  # our cancel, and nobody else's
-            raise
-        finally:
-            deadlines.finish(token)
+            return await call_deadlines(asyncio.get_running_loop()).run(track.recv(), wait_s)
+        except CallTimedOut:
+            return None
 
     async def _feed_av_video(self, track: MediaStreamTrack) -> None:
         handler = self.session.handler
