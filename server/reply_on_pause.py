@@ -268,7 +268,7 @@ class ReplyOnPause(AsyncStreamHandler):
     def _due(self, st: _TurnState, sr: int) -> np.ndarray | None:
         """The audio of the next hop (sliding) or chunk (tumbling), taken from the buffer, or
         None while not enough has come."""
-        sliding = self.algo_options.pause_window == "sliding" and self.model is None
+        sliding = self._sliding
         hop = self._hop_s(st)
         if st.buffered < hop * sr:
             return None
@@ -288,10 +288,15 @@ class ReplyOnPause(AsyncStreamHandler):
             st.buffered -= n
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
 
+    @property
+    def _sliding(self) -> bool:
+        """The sliding window applies (a custom `model=` always tumbles)."""
+        return self.algo_options.pause_window == "sliding" and self.model is None
+
     def _hop_s(self, st: _TurnState) -> float:
         """Seconds of audio per hop (sliding) or chunk (tumbling) in this state."""
         algo = self.algo_options
-        if algo.pause_window == "sliding" and self.model is None and st.started_talking:
+        if self._sliding and st.started_talking:
             return algo.sliding_hop_s
         # Before a turn only its start is looked for, which may come a chunk late (the
         # window's audio is kept and becomes the utterance's start): tumbling's pace.
@@ -300,7 +305,7 @@ class ReplyOnPause(AsyncStreamHandler):
     async def _judge(self, chunk: np.ndarray) -> None:
         sr = self._state.sample_rate
         started = time.monotonic()
-        if self.algo_options.pause_window == "sliding" and self.model is None:
+        if self._sliding:
             await self._on_hop(sr, chunk)
         else:
             await self._on_chunk(sr, chunk)
@@ -390,7 +395,6 @@ class ReplyOnPause(AsyncStreamHandler):
     async def _on_hop(self, sr: int, piece: np.ndarray) -> None:
         """Sliding window: FastRTC's rule on the last `sliding_window_s` of audio."""
         st = self._state
-        algo = self.algo_options
         assert self._vad is not None
         mono = to_mono(piece)
         probs = self._silent(sr, mono)
@@ -412,8 +416,7 @@ class ReplyOnPause(AsyncStreamHandler):
         # windows, each window's share of the piece.
         n, total, done = piece.shape[-1], probs.size, 0
         while done < total and self._state is st:
-            hop = algo.sliding_hop_s if st.started_talking else algo.audio_chunk_duration
-            need = max(1, round(hop * VAD_RATE / WINDOW) - st.unchecked)
+            need = max(1, round(self._hop_s(st) * VAD_RATE / WINDOW) - st.unchecked)
             end = min(total, done + need)
             full = end - done == need
             st.unchecked = 0 if full else st.unchecked + end - done

@@ -160,11 +160,10 @@ class VADEngine:
         if not ragged:
             stacked = np.stack(chunks, out=None if host is None else host.numpy())
         else:
-            stacked = np.zeros(shape, dtype=chunks[0].dtype) if host is None else host.numpy()
-            if host is not None:
-                stacked.fill(0)
+            stacked = np.empty(shape, dtype=chunks[0].dtype) if host is None else host.numpy()
             for i, c in enumerate(chunks):
                 stacked[i, : c.shape[0]] = c
+                stacked[i, c.shape[0]:] = 0
         x = host.to(dev, non_blocking=True) if host is not None else torch.from_numpy(stacked)
         slots = [w.stream.slot for w in items]
         k_host = [w.n_windows for w in items]
