@@ -10,6 +10,11 @@ Modes (one run compares them; every step on a fresh server):
   ``Stream(ReplyOnPause(echo, model=get_silero_model()))``, the same echo: Silero VAD the way
   FastRTC runs it, one ``onnxruntime`` session (1+1 threads) called once per connection per
   chunk on a worker thread, state from zero each call.
+* ``fastrtc`` -- FastRTC 0.0.34 itself (``benchmarks/fastrtc_app.py``: the same echo in
+  FastRTC's own ``Stream(ReplyOnPause(echo))``), run by the Python of another environment that
+  has ``pip install "fastrtc[vad]==0.0.34"`` (``--fastrtc-python``), with the Silero ONNX file
+  of the installed ``silero-vad`` wheel instead of FastRTC's download from the Hugging Face hub.
+  Not in the default modes (it needs that environment).
 * ``batched-b1`` -- the default app with ``BATCHRTC_VAD_MAX_BATCH`` = 1 (shown as ``batched,
   max_batch_size=1``): the same engine, one worker thread running every session's chunk in
   turn (``unbatched`` is accepted as its old name).
@@ -35,7 +40,8 @@ wall time, % of one core) and RSS are read with psutil.
 Latencies per utterance (all on the client's clock, CLOCK_MONOTONIC is shared by processes):
 
 * ``e2r`` end of speech -> first reply byte: first ``media`` after the k-th
-  ``response_starting`` log, minus the end of the utterance's last speech span
+  ``response_starting`` log (the first after the k-th ``pause_detected``: FastRTC logs one per
+  audio chunk of a reply), minus the end of the utterance's last speech span
   (``tests/fixtures/speech_spans.json``) on the session's timeline.
 * ``overhead`` (server-added latency): first reply byte minus the *actual* send time of the
   frame that completed the 0.6 s chunk in which the pause was detected. Which frame that is
@@ -76,6 +82,7 @@ import json
 import math
 import multiprocessing as mp
 import shlex
+import os
 import sys
 import threading
 import time
@@ -103,6 +110,7 @@ INPUT_RATE = 48000
 MODES: dict[str, tuple[list[str], int | None, str]] = {
     "batched": (["server.echo_app:stream"], 512, "engine"),
     "fastrtc-onnx": (["benchmarks.reply_apps:fastrtc_onnx_stream", "--factory"], None, "onnx"),
+    "fastrtc": (["benchmarks.fastrtc_app:app"], None, "onnx"),
     "batched-b1": (["server.echo_app:stream"], 1, "engine"),
     "batched-w2": (["server.echo_app:stream", "--workers", "2"], 512, "engine"),
     "batched-tumbling": (["benchmarks.reply_apps:tumbling_stream", "--factory"], 512,
@@ -111,6 +119,7 @@ MODES: dict[str, tuple[list[str], int | None, str]] = {
 MODE_LABELS = {
     "batched": "batched",
     "fastrtc-onnx": "per-session onnxruntime (FastRTC)",
+    "fastrtc": "FastRTC 0.0.34 itself",
     "batched-b1": "batched, max_batch_size=1",
     "batched-w2": "batched, --workers 2 (engine process)",
     "batched-tumbling": "batched, tumbling 0.6 s chunks (FastRTC's pause window)",
@@ -258,6 +267,16 @@ def vad_stats_app():  # uvicorn --factory target (only with --vad-stats)
     return stream
 
 
+def silero_onnx_path() -> str:
+    """The Silero ONNX file inside the installed silero-vad wheel (what FastRTC would download)."""
+    import silero_vad
+
+    path = Path(silero_vad.__file__).parent / "data" / "silero_vad.onnx"
+    if not path.exists():
+        raise FileNotFoundError(f"no {path}: the silero-vad wheel has no silero_vad.onnx")
+    return str(path)
+
+
 class ServerProcess(UvicornProcess):
     """The mode's uvicorn app (see ``MODES``) in its own process; killed on exit."""
 
@@ -270,6 +289,7 @@ class ServerProcess(UvicornProcess):
         vad_stats: bool = False,
         log_dir: Path | None = None,
         start_timeout_s: float = 60.0,
+        fastrtc_python: str | None = None,
     ) -> None:
         mode = MODE_ALIASES.get(mode, mode)
         if mode not in MODES:
@@ -284,8 +304,17 @@ class ServerProcess(UvicornProcess):
             env["BATCHRTC_VAD_MAX_BATCH"] = str(max_batch)
         if max_delay_ms is not None:
             env["BATCHRTC_VAD_MAX_DELAY_MS"] = str(max_delay_ms)
+        python = None
+        if mode == "fastrtc":
+            if not fastrtc_python:
+                raise ValueError('mode "fastrtc" needs --fastrtc-python: the python of an environment '
+                                 'with pip install "fastrtc[vad]==0.0.34"')
+            python = fastrtc_python
+            env["FASTRTC_SILERO_ONNX"] = silero_onnx_path()
+            env["HF_HUB_OFFLINE"] = "1"  # nothing may come from the hub at run time
+            start_timeout_s = max(start_timeout_s, 180.0)  # it imports gradio, librosa, numba
         super().__init__([*target, "--log-level", "warning"], env, name=f"bench_reply_server_{mode}",
-                         log_dir=log_dir, start_timeout_s=start_timeout_s)
+                         log_dir=log_dir, start_timeout_s=start_timeout_s, python=python)
 
     def start(self) -> ServerProcess:
         super().start()
@@ -862,9 +891,13 @@ def _score_client(res: StepResult, cl: dict, wl: Workload, t0: float, frame_s: f
     mismatch = len(pause_at) != expected
     for j, frame in enumerate(wl.pause_frames):
         sent = cl["pause_sent"].get(frame, cl["pause_sent"].get(str(frame)))
-        if j >= len(starts) or sent is None:
+        # The reply's start: the first `response_starting` after its `pause_detected` (FastRTC
+        # sends one per audio chunk of a reply, ours one per reply), else the j-th.
+        start = (next((t for t in starts if t >= pause_at[j]), None) if j < len(pause_at)
+                 else starts[j] if j < len(starts) else None)
+        if start is None or sent is None:
             continue
-        first = next((t for t in media if t >= starts[j]), None)
+        first = next((t for t in media if t >= start), None)
         if first is None:
             continue
         ok += 1
@@ -1145,6 +1178,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-delay-ms", type=float, default=None, help="BATCHRTC_VAD_MAX_DELAY_MS for the server")
     ap.add_argument("--vad-stats", action="store_true",
                     help="serve through benchmarks.bench_reply:vad_stats_app (adds a GET route with batcher stats)")
+    ap.add_argument("--fastrtc-python", default=os.environ.get("BATCHRTC_BENCH_FASTRTC_PYTHON"),
+                    help='mode "fastrtc": the python of an environment with pip install '
+                    '"fastrtc[vad]==0.0.34" (default $BATCHRTC_BENCH_FASTRTC_PYTHON)')
     ap.add_argument("--stop-after-fail", type=int, default=0,
                     help="skip larger N in a mode after this many consecutive failing rows (0 = never)")
     ap.add_argument("--quick", action="store_true", help="< 60 s smoke: N=1,10, one fixture, 4 s of it")
@@ -1168,6 +1204,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for m in a.modes:
         if m not in MODES:
             ap.error(f"unknown mode {m!r}")
+    if "fastrtc" in a.modes and not a.fastrtc_python:
+        ap.error('mode "fastrtc" needs --fastrtc-python (an environment with fastrtc[vad]==0.0.34)')
     if a.frame_ms is None and not a.no_compression:
         a.configs = [CONFIGS["default"], CONFIGS["frame100-nodeflate"]]
     else:
@@ -1227,7 +1265,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"| {MODE_LABELS[mode]} | {n} | skipped after {fails} failing rows |", flush=True)
                         continue
                     srv = ServerProcess(mode, concurrency=concurrency, max_delay_ms=a.max_delay_ms,
-                                        vad_stats=a.vad_stats)
+                                        vad_stats=a.vad_stats, fastrtc_python=a.fastrtc_python)
                     try:
                         with srv:
                             server_commands[mode] = srv.command

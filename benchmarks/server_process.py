@@ -36,10 +36,13 @@ class UvicornProcess:
         prefix: list[str] | None = None,
         log_dir: Path | None = None,
         start_timeout_s: float = 60.0,
+        python: str | None = None,
     ) -> None:
-        """`app_args`: uvicorn's arguments without `--port`; `prefix`: e.g. `taskset -c 0-3`."""
+        """`app_args`: uvicorn's arguments without `--port`; `prefix`: e.g. `taskset -c 0-3`;
+        `python`: another environment's interpreter (default: this one)."""
         self.port = free_port()
-        self.argv = [*(prefix or []), sys.executable, "-m", "uvicorn", *app_args, "--port", str(self.port)]
+        self.python = python or sys.executable
+        self.argv = [*(prefix or []), self.python, "-m", "uvicorn", *app_args, "--port", str(self.port)]
         self.env = {**os.environ, **env}
         self.env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + self.env.get("PYTHONPATH", "")
         self.name = name
@@ -51,10 +54,11 @@ class UvicornProcess:
     def command_line(self, env_keys: tuple[str, ...]) -> str:
         """The command as a person would type it, with the environment that matters."""
         envs = " ".join(f"{k}={self.env[k]}" for k in env_keys if k in self.env)
-        i = self.argv.index(sys.executable)
+        i = self.argv.index(self.python)
         pre = " ".join(shlex.quote(a) for a in self.argv[:i])
         rest = " ".join(shlex.quote(a) for a in self.argv[i + 1 :])
-        return " ".join(p for p in (envs, pre, "python", rest) if p)
+        python = "python" if self.python == sys.executable else self.python
+        return " ".join(p for p in (envs, pre, python, rest) if p)
 
     @property
     def pid(self) -> int:
