@@ -58,3 +58,43 @@ def test_bench_reply_two_batched_sessions_get_every_reply(tmp_path):
         },
     )
     assert br.TABLE_HEADER in md and row in md
+
+
+def _workload(pause_frames: list[int], speech_end_s: list[float]) -> br.Workload:
+    return br.Workload(name="w", frame_ms=20, messages=["{}"] * 400, duration_s=8.0,
+                       pause_frames=pause_frames, speech_end_s=speech_end_s,
+                       pause_chunk_end_s=[e + 0.6 for e in speech_end_s], spans=[])
+
+
+def test_scoring_takes_each_reply_start_after_its_pause_as_fastrtc_logs_one_per_chunk():
+    """FastRTC 0.0.34 sends `response_starting` for every audio chunk of a reply; ours once per
+    reply. Reply k starts at the first one after the k-th `pause_detected` either way."""
+    wl = _workload([100, 300], [1.5, 5.5])
+    t0 = 1000.0
+    fastrtc_events = [
+        (t0 + 2.20, "pause_detected"), (t0 + 2.25, "response_starting"), (t0 + 2.26, "media"),
+        (t0 + 2.27, "response_starting"), (t0 + 2.28, "media"),  # the same reply's second chunk
+        (t0 + 2.29, "response_starting"), (t0 + 2.30, "media"),
+        (t0 + 6.20, "pause_detected"), (t0 + 6.30, "response_starting"), (t0 + 6.31, "media"),
+    ]
+    cl = {"connected": True, "errors": [], "events": fastrtc_events, "close_code": 1000,
+          "offset_s": 0.0, "pause_sent": {100: t0 + 2.1, 300: t0 + 6.1}}
+    res = br.StepResult("fastrtc", 1, 20, "cmd")
+    br._score_client(res, cl, wl, t0, 0.02)
+    assert (res.replies_ok, res.errors, res.mismatches) == (2, 0, 0)
+    # The second reply is timed from its own start (6.31 s), not from the first reply's chunks.
+    assert res.e2r_ms == pytest.approx([(2.26 - 1.5) * 1e3, (6.31 - 5.5) * 1e3])
+    assert res.overhead_ms == pytest.approx([160.0, 210.0])
+
+
+def test_the_fastrtc_mode_needs_another_environment():
+    with pytest.raises(SystemExit):
+        br.parse_args(["--modes", "fastrtc", "--fastrtc-python", ""])
+    with pytest.raises(ValueError, match="fastrtc-python"):
+        br.ServerProcess("fastrtc", concurrency=4)
+    srv = br.ServerProcess("fastrtc", concurrency=4, fastrtc_python="/opt/fastrtc/bin/python")
+    assert srv.argv[0] == "/opt/fastrtc/bin/python"
+    assert srv.argv[1:4] == ["-m", "uvicorn", "benchmarks.fastrtc_app:app"]
+    assert srv.env["HF_HUB_OFFLINE"] == "1"
+    assert srv.env["FASTRTC_SILERO_ONNX"].endswith("silero_vad.onnx")
+    assert "/opt/fastrtc/bin/python -m uvicorn benchmarks.fastrtc_app:app" in srv.command
