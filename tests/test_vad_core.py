@@ -205,3 +205,71 @@ async def test_engine_batches_streams_whose_chunks_differ_in_length() -> None:
     assert sizes[0] == 3, sizes  # 4800, 6720 and 8160 samples: one batch
     for i in range(3):
         np.testing.assert_allclose(np.concatenate([first[i], second[i]]), alone[i], atol=1e-5)
+
+
+async def test_a_cpu_batch_run_in_parts_matches_one_forward_and_fails_whole(monkeypatch) -> None:
+    """On CPU a batch runs CPU_ROWS_SAMPLES input samples per forward (peak memory). Seven
+    streams in parts of two rows give the probabilities one forward gives, chunk after chunk
+    (state carried through the parts' write-backs); a part that raises advances no stream,
+    not even those of the parts that ran before it."""
+    import asyncio
+
+    import server.vad_engine as ve
+
+    rng = np.random.default_rng(11)
+    audio = [(rng.standard_normal(9600) * 4000).astype(np.int16) for _ in range(7)]
+
+    async def run_all(rows_samples: int) -> tuple[list[np.ndarray], list[int]]:
+        monkeypatch.setattr(ve, "CPU_ROWS_SAMPLES", rows_samples)
+        eng = VADEngine(device="cpu", capacity=8, max_queue_delay_ms=200)
+        forwards: list[int] = []
+        fwd = eng._forward
+        eng._forward = lambda items: (forwards.append(len(items)), fwd(items))[1]
+        streams = [eng.open_stream(48000) for _ in audio]
+        try:
+            out = [[] for _ in audio]
+            for cut in ((0, 4800), (4800, 9600)):
+                got = await asyncio.gather(*(s.process(a[cut[0]:cut[1]]) for s, a in zip(streams, audio)))
+                for o, g in zip(out, got):
+                    o.append(g)
+            return [np.concatenate(o) for o in out], forwards
+        finally:
+            for s in streams:
+                s.close()
+            eng.close()
+
+    whole, forwards_whole = await run_all(1 << 40)
+    parts, forwards_parts = await run_all(2 * 4800)
+    assert forwards_whole == [7, 7]
+    assert forwards_parts == [2, 2, 2, 1, 2, 2, 2, 1]
+    for a, b in zip(whole, parts):
+        np.testing.assert_allclose(b, a, atol=1e-5)
+
+    # A failing third part: nothing is written back, so the retry sees every stream as it was.
+    monkeypatch.setattr(ve, "CPU_ROWS_SAMPLES", 2 * 4800)
+    eng = VADEngine(device="cpu", capacity=8)
+    fwd = eng._forward
+    calls = {"n": 0}
+
+    def third_fails(items):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("part 3 failed")
+        return fwd(items)
+
+    streams = [eng.open_stream(48000) for _ in audio]
+    try:
+        before = eng.state.gather([s.slot for s in streams])
+        before = {k: v.clone() for k, v in before.items()}
+        items = [ve._Work(s, 48000, a[:4800], 0, 3, s.generation, s.hist_generation)
+                 for s, a in zip(streams, audio)]
+        eng._forward = third_fails
+        with pytest.raises(RuntimeError, match="part 3"):
+            eng._run_batch(items)
+        after = eng.state.gather([s.slot for s in streams])
+        for key in before:
+            assert torch.equal(after[key], before[key]), key
+    finally:
+        for s in streams:
+            s.close()
+        eng.close()
