@@ -1,6 +1,6 @@
 """Memory per voice session: RSS against FastRTC 0.0.34 itself, and where ours goes (tracemalloc).
 
-    python -m benchmarks.memory_per_session [--sessions 50,100] [--fastrtc-python PATH]
+    python -m benchmarks.memory_per_session [--sessions 50,100,200] [--fastrtc-python PATH]
 
 Each row is a fresh server process with one warm-up session (model loaded, first-use caches
 filled), then N WebSocket clients streaming real speech (`speech_pause_speech_16k.wav`, 48 kHz
@@ -90,7 +90,7 @@ def traced_app():  # uvicorn --factory target
 
 
 def _get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=60) as r:
+    with urllib.request.urlopen(url, timeout=300) as r:  # a traced snapshot takes a while
         return json.loads(r.read())
 
 
@@ -208,8 +208,10 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sessions", default="50,100", help="comma-separated N list")
+    ap.add_argument("--sessions", default="50,100,200", help="comma-separated N list")
     ap.add_argument("--modes", default="batched,fastrtc,batched-traced")
+    ap.add_argument("--traced-sessions", default="50",
+                    help="N list for batched-traced (tracing slows the server: clients time out past ~50)")
     ap.add_argument("--at-s", type=float, default=3.0, help="snapshot this long after the sessions start")
     ap.add_argument("--fastrtc-python", default=os.environ.get("BATCHRTC_BENCH_FASTRTC_PYTHON"),
                     help='mode "fastrtc": the python of an environment with fastrtc[vad]==0.0.34')
@@ -225,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                         *(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))])
     rows = []
     for mode in modes:
-        for n in (int(x) for x in a.sessions.split(",") if x.strip()):
+        counts = a.traced_sessions if mode == "batched-traced" else a.sessions
+        for n in (int(x) for x in counts.split(",") if x.strip()):
             rows.append(run(mode, n, a.at_s, a.fastrtc_python))
             print({k: v for k, v in rows[-1].items() if k != "sites"}, flush=True)
     out = Path(a.out)
