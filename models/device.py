@@ -1,6 +1,5 @@
 """Where batched models run: CUDA when present, else CPU; `BATCHRTC_DEVICE` overrides.
-Also the process-wide glibc heap settings: a CPU detector keeps freed memory for its next batch
-(`keep_freed_memory`); voice servers give large freed blocks back (`release_freed_memory`)."""
+Also the process-wide CPU heap setting that CPU inference wants (`keep_freed_memory`)."""
 
 from __future__ import annotations
 
@@ -14,17 +13,6 @@ import torch
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
 _heap_kept: bool | None = None
-_heap_released: bool | None = None
-_MMAP_THRESHOLD_DEFAULT = 128 * 1024  # glibc's initial M_MMAP_THRESHOLD
-
-
-def _mallopt():  # glibc's mallopt, or None (not Linux, not glibc: e.g. musl has none)
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return None
 
 
 def default_device() -> torch.device:
@@ -49,31 +37,12 @@ def keep_freed_memory() -> bool:
     global _heap_kept
     if _heap_kept is None:
         _heap_kept = False
-        mallopt = _mallopt() if os.environ.get("BATCHRTC_KEEP_HEAP", "1") != "0" else None
-        if mallopt is not None:
+        if sys.platform.startswith("linux") and os.environ.get("BATCHRTC_KEEP_HEAP", "1") != "0":
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                mallopt = libc.mallopt
+            except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
+                return False
             _heap_kept = bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(
                 mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return _heap_kept
-
-
-def release_freed_memory() -> bool:
-    """Pin glibc's mmap threshold at its initial 128 KiB, so blocks above it are mapped on
-    allocation and unmapped on free.
-
-    By default glibc raises the threshold (up to 32 MB) each time a mapped block is freed. A
-    voice server frees many: VAD batch tensors, utterances, reply audio. After the first few,
-    every later one comes from the heap, whose freed memory stays resident and fragments, and
-    RSS grows with the largest bursts: 946 -> 376 KiB per session 3 s into 100 streaming
-    sessions (`benchmarks/memory_per_session.py`). A process that already keeps freed memory
-    (`keep_freed_memory`: a CPU detector, whose large batches want the opposite) is left as it
-    is, and a detector made later takes over. ``BATCHRTC_KEEP_HEAP=0`` leaves glibc's defaults
-    here too. Returns whether the setting is in force (glibc on Linux only)."""
-    global _heap_released
-    if _heap_kept:
-        return False
-    if _heap_released is None:
-        _heap_released = False
-        mallopt = _mallopt() if os.environ.get("BATCHRTC_KEEP_HEAP", "1") != "0" else None
-        if mallopt is not None:
-            _heap_released = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_DEFAULT))
-    return _heap_released

@@ -22,8 +22,6 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI
 
-from models.device import release_freed_memory
-
 from . import docs, metrics
 from .config import Modality, Mode, StreamConfig, UIArgs, load_settings, uvicorn_deflate_left_on
 from .engine.client import private_dir
@@ -270,8 +268,6 @@ class Stream(FastAPI):
                 "every audio frame over /websocket and /telephone is compressed; at 200 voice "
                 "sessions that made replies seconds late. Start uvicorn with "
                 "--ws-per-message-deflate false")
-        if self.modality != "video":
-            release_freed_memory()  # audio buffers and VAD batches: RSS per session (models/device.py)
         freeze_startup_objects()
         try:
             yield

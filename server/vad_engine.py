@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from batching import BatchingConfig, DynamicBatcher, StateSlots
-from models.device import default_device, release_freed_memory
+from models.device import default_device
 from models.resample import StreamingResampler
 from models.silero import SileroVAD
 from models.vad_core import script_core
@@ -92,7 +92,6 @@ class VADEngine:
         threads: int | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
-        release_freed_memory()  # its batches' tensors are freed, not kept (models/device.py)
         if threads is None:
             threads = default_vad_threads(self.device)
         if threads is not None and threads < 0:
