@@ -81,8 +81,8 @@ import functools
 import json
 import math
 import multiprocessing as mp
-import shlex
 import os
+import shlex
 import sys
 import threading
 import time
@@ -267,6 +267,9 @@ def vad_stats_app():  # uvicorn --factory target (only with --vad-stats)
     return stream
 
 
+FASTRTC_START_TIMEOUT_S = 180.0  # FastRTC imports gradio, librosa and numba at start
+
+
 def silero_onnx_path() -> str:
     """The Silero ONNX file inside the installed silero-vad wheel (what FastRTC would download)."""
     import silero_vad
@@ -275,6 +278,16 @@ def silero_onnx_path() -> str:
     if not path.exists():
         raise FileNotFoundError(f"no {path}: the silero-vad wheel has no silero_vad.onnx")
     return str(path)
+
+
+def fastrtc_env(fastrtc_python: str | None) -> dict[str, str]:
+    """The environment `benchmarks/fastrtc_app.py` runs with (see its docstring); ValueError
+    without the other environment's python to run it."""
+    if not fastrtc_python:
+        raise ValueError('mode "fastrtc" needs --fastrtc-python: the python of an environment '
+                         'with pip install "fastrtc[vad]==0.0.34"')
+    # The wheel's model file, and nothing from the hub at run time.
+    return {"FASTRTC_SILERO_ONNX": silero_onnx_path(), "HF_HUB_OFFLINE": "1"}
 
 
 class ServerProcess(UvicornProcess):
@@ -306,13 +319,9 @@ class ServerProcess(UvicornProcess):
             env["BATCHRTC_VAD_MAX_DELAY_MS"] = str(max_delay_ms)
         python = None
         if mode == "fastrtc":
-            if not fastrtc_python:
-                raise ValueError('mode "fastrtc" needs --fastrtc-python: the python of an environment '
-                                 'with pip install "fastrtc[vad]==0.0.34"')
+            env |= fastrtc_env(fastrtc_python)
             python = fastrtc_python
-            env["FASTRTC_SILERO_ONNX"] = silero_onnx_path()
-            env["HF_HUB_OFFLINE"] = "1"  # nothing may come from the hub at run time
-            start_timeout_s = max(start_timeout_s, 180.0)  # it imports gradio, librosa, numba
+            start_timeout_s = max(start_timeout_s, FASTRTC_START_TIMEOUT_S)
         super().__init__([*target, "--log-level", "warning"], env, name=f"bench_reply_server_{mode}",
                          log_dir=log_dir, start_timeout_s=start_timeout_s, python=python)
 
@@ -893,8 +902,10 @@ def _score_client(res: StepResult, cl: dict, wl: Workload, t0: float, frame_s: f
         sent = cl["pause_sent"].get(frame, cl["pause_sent"].get(str(frame)))
         # The reply's start: the first `response_starting` after its `pause_detected` (FastRTC
         # sends one per audio chunk of a reply, ours one per reply), else the j-th.
-        start = (next((t for t in starts if t >= pause_at[j]), None) if j < len(pause_at)
-                 else starts[j] if j < len(starts) else None)
+        if j < len(pause_at):
+            start = next((t for t in starts if t >= pause_at[j]), None)
+        else:
+            start = starts[j] if j < len(starts) else None
         if start is None or sent is None:
             continue
         first = next((t for t in media if t >= start), None)

@@ -18,7 +18,9 @@ its reply machinery; its peak over the whole row too). Modes:
   and numpy buffers are traced; torch tensors, thread stacks and the allocator's slack are not.
   Its RSS includes tracemalloc's own bookkeeping, so RSS is compared on the untraced rows.
 
-Writes ``benchmarks/results/memory_per_session.md`` (and ``.json``).
+Prints issue 16's verdict per N measured for both servers (ours no more RSS per session than
+FastRTC's, at the snapshot and at the peak). Writes ``benchmarks/results/memory_per_session.md``
+(and ``.json``; ``--render-from`` writes the markdown of a .json again).
 """
 
 from __future__ import annotations
@@ -98,13 +100,11 @@ def _server(mode: str, n: int, fastrtc_python: str | None) -> UvicornProcess:
     args = ["--log-level", "warning", "--ws-per-message-deflate", "false"]
     env = {"BATCHRTC_CONCURRENCY": str(n + 8)}
     if mode == "fastrtc":
-        from benchmarks.bench_reply import silero_onnx_path
+        from benchmarks.bench_reply import FASTRTC_START_TIMEOUT_S, fastrtc_env
 
-        if not fastrtc_python:
-            raise ValueError('mode "fastrtc" needs --fastrtc-python (an environment with fastrtc[vad]==0.0.34)')
-        env |= {"FASTRTC_SILERO_ONNX": silero_onnx_path(), "HF_HUB_OFFLINE": "1"}
-        return UvicornProcess(["benchmarks.fastrtc_app:app", *args], env, name="memory_fastrtc",
-                              start_timeout_s=180, python=fastrtc_python)
+        return UvicornProcess(["benchmarks.fastrtc_app:app", *args], env | fastrtc_env(fastrtc_python),
+                              name="memory_fastrtc", start_timeout_s=FASTRTC_START_TIMEOUT_S,
+                              python=fastrtc_python)
     app = ["benchmarks.memory_per_session:traced_app", "--factory"] if mode == "batched-traced" else ["server.echo_app:stream"]
     return UvicornProcess([*app, *args], env, name=f"memory_{mode}", start_timeout_s=120)
 
@@ -164,13 +164,33 @@ async def _sessions(url: str, n: int, pcm: np.ndarray, at_s: float, traced_base:
     return out | {"rss_peak": peak, "sessions_done": len(results) - len(failed)}
 
 
-def render(rows: list[dict[str, Any]], command: str) -> str:
+def _per_session(r: dict[str, Any], key: str) -> float:
+    """RSS added per session (KiB) at the snapshot (`rss1`) or the peak (`rss_peak`)."""
+    return (r[key] - r["rss0"]) / r["n"] / 1024
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue 16's target, per N measured for both: ours no more per session than FastRTC's,
+    at the snapshot and at the peak."""
+    by = {(r["mode"], r["n"]): r for r in rows}
+    lines = []
+    for n in sorted({n for m, n in by if m == "batched" and ("fastrtc", n) in by}):
+        ours, theirs = by["batched", n], by["fastrtc", n]
+        pairs = [(_per_session(ours, k), _per_session(theirs, k)) for k in ("rss1", "rss_peak")]
+        met = all(a <= b for a, b in pairs)
+        lines.append(f"- N={n}: per session ours {pairs[0][0]:.0f} / {pairs[1][0]:.0f} KiB, FastRTC "
+                     f"{pairs[0][1]:.0f} / {pairs[1][1]:.0f} KiB (snapshot / peak); target ours <= "
+                     f"FastRTC's: **{'MET' if met else 'NOT MET'}**")
+    return lines
+
+
+def render(rows: list[dict[str, Any]], meta: dict[str, str]) -> str:
     kib = 1024
     lines = [
         "# Memory per voice session: RSS against FastRTC 0.0.34, and where ours goes",
         "",
-        f"- machine: {machine_info()}",
-        f"- command: `{command}`",
+        f"- machine: {meta['machine']}",
+        f"- command: `{meta['command']}`",
         "- servers (a fresh process per row): "
         + "; ".join(sorted({f"`{r['server_command']}`" for r in rows})),
         f"- each row: one warm-up session, then N WebSocket sessions streaming "
@@ -187,6 +207,9 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
             f"{r['rss1'] / 2**20:.0f} MiB | {(r['rss1'] - r['rss0']) / n / kib:.0f} KiB | "
             f"{r['rss_peak'] / 2**20:.0f} MiB | {(r['rss_peak'] - r['rss0']) / n / kib:.0f} KiB | "
             f"{r['threads0']} -> {r['threads1']} |")
+    targets = verdicts(rows)
+    if targets:
+        lines += ["", "Issue 16's target (memory per session under FastRTC's):", *targets]
     for r in rows:
         if "sites" not in r:
             continue
@@ -216,7 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fastrtc-python", default=os.environ.get("BATCHRTC_BENCH_FASTRTC_PYTHON"),
                     help='mode "fastrtc": the python of an environment with fastrtc[vad]==0.0.34')
     ap.add_argument("--out", default=str(RESULTS / "memory_per_session.md"))
+    ap.add_argument("--render-from", default=None, metavar="JSON",
+                    help="measure nothing: write the markdown of an earlier run's .json again (next to it)")
     a = ap.parse_args(argv)
+    if a.render_from:
+        raw = json.loads(Path(a.render_from).read_text())
+        out = Path(a.render_from).with_suffix(".md")
+        out.write_text(render(raw["rows"], raw["meta"]))
+        print("\n".join(verdicts(raw["rows"])))
+        return 0
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     for m in modes:
         if m not in ("batched", "fastrtc", "batched-traced"):
@@ -231,9 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         for n in (int(x) for x in counts.split(",") if x.strip()):
             rows.append(run(mode, n, a.at_s, a.fastrtc_python))
             print({k: v for k, v in rows[-1].items() if k != "sites"}, flush=True)
+    meta = {"machine": str(machine_info()), "command": command}
     out = Path(a.out)
-    out.write_text(render(rows, command))
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    out.write_text(render(rows, meta))
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(out.read_text())
     return 0
 

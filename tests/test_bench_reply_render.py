@@ -32,3 +32,26 @@ def test_rendering_a_run_again_keeps_its_rows_and_decides_the_e2r_targets(tmp_pa
                     if x.startswith(f"- {d['label']}: e2r p95 at N={d['n']} "))
         assert line.endswith("**MET**" if met else "**NOT MET**"), line
     assert checked >= 2  # the committed run has rows at N=10 and N=200
+
+
+def test_memory_per_session_verdicts_are_decided_from_its_rows(tmp_path: Path) -> None:
+    """memory_per_session's committed markdown is its .json rendered, and each verdict compares
+    the RSS added per session, ours against FastRTC's, at the snapshot and at the peak."""
+    from benchmarks import memory_per_session as mps
+
+    result = RESULT.with_name("memory_per_session.json")
+    copy = tmp_path / result.name
+    shutil.copy(result, copy)
+    assert mps.main(["--render-from", str(copy)]) == 0
+    assert copy.with_suffix(".md").read_text() == result.with_suffix(".md").read_text()
+    rows = [
+        {"mode": "batched", "n": 10, "rss0": 0, "rss1": 10 * 1024 * 100, "rss_peak": 10 * 1024 * 200},
+        {"mode": "fastrtc", "n": 10, "rss0": 0, "rss1": 10 * 1024 * 100, "rss_peak": 10 * 1024 * 199},
+        {"mode": "batched", "n": 20, "rss0": 5, "rss1": 5 + 20 * 1024 * 50, "rss_peak": 5 + 20 * 1024 * 60},
+        {"mode": "fastrtc", "n": 20, "rss0": 9, "rss1": 9 + 20 * 1024 * 50, "rss_peak": 9 + 20 * 1024 * 60},
+        {"mode": "batched", "n": 30, "rss0": 0, "rss1": 1, "rss_peak": 1},  # no FastRTC row
+    ]
+    lines = mps.verdicts(rows)
+    assert len(lines) == 2
+    assert lines[0].startswith("- N=10:") and lines[0].endswith("**NOT MET**")  # peak 200 > 199
+    assert lines[1].startswith("- N=20:") and lines[1].endswith("**MET**")
