@@ -62,7 +62,9 @@ class AudioOut:
         assert self._rs is not None and self._hist is not None
         x = np.concatenate([self._carry, audio_to_float32(mono)])
         usable = x.size - x.size % self._rs.down
-        self._carry = x[usable:]
+        # A copy: a slice (even an empty one) is a view that would keep all of `x` (this
+        # chunk as float32, 4 bytes a sample) alive until the connection's next reply chunk.
+        self._carry = x[usable:].copy()
         if usable == 0:
             return np.zeros(0, dtype=np.int16)
         # numpy, not a torch conv: this runs on the event loop, a few times a second per reply.

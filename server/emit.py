@@ -61,15 +61,21 @@ async def pump_outputs(session: Session, sink: AudioSink) -> None:
                     await sink.idle()
                     continue
                 out, nxt = nxt.result(), None
-            if out.extra is not None:
-                session.push_outputs(out.extra)
-            if out.audio is not None and sink.sends_audio:
-                pcm = conv.convert(*out.audio)
+            # Only what is still to be sent is held across a wait: the handler's array (its
+            # rate, maybe float) would otherwise stay alive while the sink paces the reply and
+            # then until the next output, per connection.
+            extra, audio, close = out.extra, out.audio, out.close
+            del out
+            if extra is not None:
+                session.push_outputs(extra)
+            if audio is not None and sink.sends_audio:
+                pcm, audio = conv.convert(*audio), None
                 if pcm.size:
                     await sink.write(pcm)
-            if out.close is not None:
+                pcm = None
+            if close is not None:
                 await sink.drain()
-                session.send(create_message("end_stream", out.close.msg))
+                session.send(create_message("end_stream", close.msg))
                 session.close("handler closed the stream")
                 return
     finally:

@@ -97,13 +97,13 @@ class TrackAudioSink:
         n = pcm.size - pcm.size % self.step
         for i in range(0, n, self.step):
             await self.track.queue.put(pcm[i : i + self.step])
-        self.carry = pcm[n:]
+        self.carry = pcm[n:].copy()  # a view would keep the whole chunk alive until the next
 
     async def idle(self) -> None:
         """The reply paused: play out the partial frame."""
         if self.carry.size:
             await self.track.queue.put(np.concatenate([self.carry, np.zeros(self.step - self.carry.size, np.int16)]))
-            self.carry = self.carry[:0]
+            self.carry = np.zeros(0, dtype=np.int16)
 
     async def drain(self) -> None:
         await self.idle()
