@@ -5,10 +5,12 @@ conversion and the sinks' partial frames used to stay alive until that connectio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import tracemalloc
 import weakref
+from collections.abc import Iterator
 
 import numpy as np
 import websockets
@@ -19,15 +21,17 @@ from server.frontends.webrtc.tracks import AudioOutputTrack, TrackAudioSink
 from tests.test_stream_api import recv_until
 
 
-def _held_after(fn) -> int:
-    """Bytes of Python/numpy memory `fn()` leaves allocated (its return value dropped)."""
+@contextlib.contextmanager
+def held_memory() -> Iterator[list[int]]:
+    """Bytes of Python/numpy memory the block leaves allocated (in the list it yields)."""
     gc.collect()
     tracemalloc.start()
+    held: list[int] = []
     try:
         before = tracemalloc.get_traced_memory()[0]
-        fn()
+        yield held
         gc.collect()
-        return tracemalloc.get_traced_memory()[0] - before
+        held.append(tracemalloc.get_traced_memory()[0] - before)
     finally:
         tracemalloc.stop()
 
@@ -37,8 +41,9 @@ def test_audio_out_keeps_no_copy_of_a_converted_chunk() -> None:
     conv.convert(48000, np.zeros(480, dtype=np.float32))  # the filter is designed once, here
     # 10 s at 48 kHz plus one sample (carried to the next chunk): its float32 form is 1.9 MB
     chunk = np.random.default_rng(0).uniform(-0.5, 0.5, 48000 * 10 + 1).astype(np.float32)
-    held = _held_after(lambda: conv.convert(48000, chunk))
-    assert held < 16 * 1024, f"{held} bytes kept after the chunk was converted"
+    with held_memory() as held:
+        conv.convert(48000, chunk)
+    assert held[0] < 16 * 1024, f"{held[0]} bytes kept after the chunk was converted"
     # and the odd sample did carry: the next chunk continues the same stream
     assert conv.convert(48000, np.zeros(1, dtype=np.float32)).size == 1
 
@@ -53,16 +58,9 @@ async def test_the_webrtc_sink_keeps_no_copy_of_a_written_chunk() -> None:
         assert track.queue.qsize() == 50 and sink.pending()
         track.clear()  # as if the track had sent them
 
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
+    with held_memory() as held:
         await write_and_play()
-        gc.collect()
-        held = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
-    assert held < 16 * 1024, f"{held} bytes kept after the frames were sent"
+    assert held[0] < 16 * 1024, f"{held[0]} bytes kept after the frames were sent"
     await sink.idle()  # the 7 samples are still played, padded to a frame
     assert track.queue.get_nowait()[:7].tolist() == [1] * 7
 
