@@ -123,7 +123,9 @@ async def pauses(audio: np.ndarray, mode: str, frame_ms: int) -> list[float]:
     try:
         for i in range(0, audio.size - step + 1, step):
             log.fed_s = (i + step) / RATE
-            await handler.receive((RATE, audio[None, i:i + step]))
+            frame = (RATE, audio[None, i:i + step])
+            if not handler.receive_nowait(frame):  # as `Session.receive` feeds it
+                await handler.receive(frame)
     finally:
         handler.shutdown()
     return log.pauses

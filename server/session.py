@@ -166,6 +166,7 @@ class Session:
         self._state = SessionState.ACTIVE
         self._teardown_task: asyncio.Task | None = None
         self._received = asyncio.Event()
+        self._receive_nowait: Callable[[Any], bool] | None = getattr(handler, "receive_nowait", None)
         self._on_close: list[Callable[[], Any]] = []
         self._calls: set[Future] = set()  # handler-pool calls in flight
         self._stuck: set[Future] = set()  # abandoned calls still running
@@ -322,10 +323,17 @@ class Session:
             self.report_handler_error(e)
 
     async def receive(self, frame: Any) -> None:
-        """Hand one input frame to the handler (dropped once the session is not ACTIVE)."""
+        """Hand one input frame to the handler (dropped once the session is not ACTIVE).
+
+        A handler with a `receive_nowait(frame) -> bool` (`ReplyOnPause`: a frame that
+        completes no hop is only buffered) takes the frame without awaiting when it returns
+        True: no handler call under the timeout watch, for most 20 ms frames."""
         if not self.active:
             return
+        take = self._receive_nowait
         try:
+            if take is not None and take(frame):
+                return
             await self.call_limited(self.handler.receive, frame)
         except HandlerTimeout:
             pass

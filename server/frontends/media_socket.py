@@ -246,6 +246,17 @@ async def serve_media_socket(registry: SessionRegistry, ws: WebSocket, *, phone_
             if text is None:
                 channel.send(create_message("error", "binary frames are not supported; send JSON text"))
                 continue
+            payload = _plain_media_payload(text) if session is not None else None
+            if payload is not None:  # most messages: no JSON parse, no dict
+                audio = _decode_payload(payload)
+                if isinstance(audio, str):
+                    channel.send(create_message("error", audio))
+                    continue
+                await _deliver_audio(session, audio, phone_mode)
+                if not session.active:
+                    conn.reason = session.close_reason or "closed"
+                    break
+                continue
             try:
                 message = parse_json_message(text, MAX_MESSAGE_BYTES)
             except ValueError as e:
@@ -333,11 +344,36 @@ else:  # Python 3.10: no strict mode in binascii
         return base64.b64decode(payload, validate=True)
 
 
+# A media message exactly as FastRTC's browser client (JSON.stringify) or Python's json.dumps
+# writes it. Its payload is then a JSON string without escapes (no '"' or '\\' in it), so the
+# text between the quotes is the string: taken without a JSON parse (~6 us per 20 ms frame on
+# the event loop). Anything else (Twilio's extra fields, other spacing) is parsed as JSON.
+_MEDIA_FORMS = ('{"event":"media","media":{"payload":"', '{"event": "media", "media": {"payload": "')
+_MEDIA_END = '"}}'
+
+
+def _plain_media_payload(text: str) -> str | None:
+    """The payload of a media message in one of `_MEDIA_FORMS`, else None."""
+    if not text.endswith(_MEDIA_END):
+        return None
+    for prefix in _MEDIA_FORMS:
+        if text.startswith(prefix):
+            payload = text[len(prefix): -len(_MEDIA_END)]
+            if '"' in payload or "\\" in payload:
+                return None
+            return payload
+    return None
+
+
 def _decode_media(message: dict) -> np.ndarray | str:
     media = message.get("media")
     payload = media.get("payload") if isinstance(media, dict) else None
     if not isinstance(payload, str):
         return 'media event needs {"media": {"payload": BASE64}}'
+    return _decode_payload(payload)
+
+
+def _decode_payload(payload: str) -> np.ndarray | str:
     try:
         raw = _b64decode_strict(payload)
     except (binascii.Error, ValueError):
