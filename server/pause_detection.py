@@ -88,7 +88,8 @@ def speech_timestamps(
     probs: npt.ArrayLike, options: SileroVadOptions, audio_length_samples: int | None = None
 ) -> list[AudioChunk]:
     """Silero's segment logic over one chunk's 16 kHz window probabilities."""
-    probs = [float(p) for p in np.asarray(probs).reshape(-1)]
+    # A list (ReplyOnPause's sliding window, ~25 windows per hop) is read as it is.
+    probs = [float(p) for p in (probs if isinstance(probs, list) else np.asarray(probs).reshape(-1))]
     if not probs:
         return []
     return get_speech_timestamps_from_probs(

@@ -128,3 +128,29 @@ async def test_every_form_of_a_media_message_is_decoded_alike(serve) -> None:
     for f in Recorder.frames[1:]:
         np.testing.assert_array_equal(f, Recorder.frames[0])
     assert Recorder.frames[0].shape == (1, 512)
+
+
+def _runs_numpy(probs: np.ndarray, threshold: float) -> tuple[list[int], list[int]]:
+    """The reference: how the runs were found with numpy (a float32 array against the
+    threshold), before the rule's helpers took a Python list."""
+    above = (np.asarray(probs, dtype=np.float32) >= threshold).view(np.int8)
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], above, [0]))))
+    return edges[::2].tolist(), edges[1::2].tolist()
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.35, 0.7])
+def test_the_rules_speech_runs_match_numpys(threshold: float) -> None:
+    from server.pause_detection import SileroVadOptions
+
+    h = ReplyOnPause(lambda a: None, model_options=SileroVadOptions(threshold=threshold))
+    rng = np.random.default_rng(7)
+    at = np.float32(threshold)  # probabilities exactly at the threshold, as float32
+    for _ in range(2000):
+        n = int(rng.integers(0, 40))
+        probs = rng.uniform(0, 1, n).astype(np.float32)
+        probs[rng.uniform(size=n) < 0.2] = at
+        probs[rng.uniform(size=n) < 0.1] = np.nextafter(at, np.float32(0))
+        ref = _runs_numpy(probs, threshold)
+        for given in (probs, probs.tolist()):  # as the tests and as `_step` pass them
+            _, starts, ends = h._speech_runs(given)
+            assert (starts, ends) == ref, (probs, threshold)
