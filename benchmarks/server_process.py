@@ -37,14 +37,18 @@ class UvicornProcess:
         log_dir: Path | None = None,
         start_timeout_s: float = 60.0,
         python: str | None = None,
+        root: Path | None = None,
     ) -> None:
         """`app_args`: uvicorn's arguments without `--port`; `prefix`: e.g. `taskset -c 0-3`;
-        `python`: another environment's interpreter (default: this one)."""
+        `python`: another environment's interpreter (default: this one); `root`: the source
+        tree the server imports from (default: this checkout; e.g. a `git worktree` of an
+        earlier commit, to compare against it in one run)."""
         self.port = free_port()
         self.python = python or sys.executable
+        self.root = root or REPO_ROOT
         self.argv = [*(prefix or []), self.python, "-m", "uvicorn", *app_args, "--port", str(self.port)]
         self.env = {**os.environ, **env}
-        self.env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + self.env.get("PYTHONPATH", "")
+        self.env["PYTHONPATH"] = str(self.root) + os.pathsep + self.env.get("PYTHONPATH", "")
         self.name = name
         self.log_dir = log_dir
         self.start_timeout_s = start_timeout_s
@@ -73,7 +77,7 @@ class UvicornProcess:
         self.log_path = Path(name)
         with os.fdopen(fd, "wb") as log:
             self.proc = subprocess.Popen(
-                self.argv, cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                self.argv, cwd=self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
         self._spawned()
