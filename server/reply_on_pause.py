@@ -230,8 +230,13 @@ class ReplyOnPause(AsyncStreamHandler):
         return self.needs_args or n_params > 1
 
     # -- input -----------------------------------------------------------------------------
+    @property
+    def _ignores_input(self) -> bool:
+        """Frames are dropped: shut down, or a reply that may not be interrupted is running."""
+        return self._shut_down or (self.responding and not self.can_interrupt)
+
     async def receive(self, frame: tuple[int, np.ndarray]) -> None:
-        if self._shut_down or (self.responding and not self.can_interrupt):
+        if self._ignores_input:
             return
         sr, array = frame
         if self.expected_layout == "stereo":
@@ -261,13 +266,13 @@ class ReplyOnPause(AsyncStreamHandler):
     def receive_nowait(self, frame: tuple[int, np.ndarray]) -> bool:
         """`receive` for a frame that completes no hop, without awaiting: it is only
         buffered. This is what most frames do (4 of 5 in a turn, 29 of 30 outside one), and
-        the front ends call it first (`Session.receive_nowait`), skipping a coroutine chain
-        and the handler-timeout watch per 20 ms frame. False, with nothing done, when
-        `receive` must run: a hop or chunk is due, a background hop failed or must be waited
-        for, the rate changed, stereo input, or a subclass with its own `receive`."""
+        `Session.receive` tries it first, skipping a coroutine chain and the handler-timeout
+        watch per 20 ms frame. False, with nothing done, when `receive` must run: a hop or
+        chunk is due, a background hop failed or must be waited for, the rate changed, stereo
+        input, or a subclass with its own `receive`."""
         if type(self).receive is not ReplyOnPause.receive:
             return False
-        if self._shut_down or (self.responding and not self.can_interrupt):
+        if self._ignores_input:
             return True  # dropped, as `receive` drops it
         sr, array = frame
         st = self._state

@@ -246,31 +246,25 @@ async def serve_media_socket(registry: SessionRegistry, ws: WebSocket, *, phone_
             if text is None:
                 channel.send(create_message("error", "binary frames are not supported; send JSON text"))
                 continue
+            # Most messages are media in a plain form: their payload is read without a JSON parse.
             payload = _plain_media_payload(text) if session is not None else None
-            if payload is not None:  # most messages: no JSON parse, no dict
-                audio = _decode_payload(payload)
-                if isinstance(audio, str):
-                    channel.send(create_message("error", audio))
+            if payload is not None:
+                message, event = {}, "media"
+            else:
+                try:
+                    message = parse_json_message(text, MAX_MESSAGE_BYTES)
+                except ValueError as e:
+                    channel.send(create_message("error", str(e)))
                     continue
-                await _deliver_audio(session, audio, phone_mode)
-                if not session.active:
-                    conn.reason = session.close_reason or "closed"
-                    break
-                continue
-            try:
-                message = parse_json_message(text, MAX_MESSAGE_BYTES)
-            except ValueError as e:
-                channel.send(create_message("error", str(e)))
-                continue
-            if not isinstance(message, dict) or "event" not in message:
-                channel.send(create_message("error", 'message must be a JSON object with an "event" field'))
-                continue
-            event = message["event"]
+                if not isinstance(message, dict) or "event" not in message:
+                    channel.send(create_message("error", 'message must be a JSON object with an "event" field'))
+                    continue
+                event = message["event"]
             if event == "media":
                 if session is None:
                     conn.fatal(1008, 'send a "start" event before media')
                     break
-                audio = _decode_media(message)
+                audio = _decode_payload(payload) if payload is not None else _decode_media(message)
                 if isinstance(audio, str):
                     channel.send(create_message("error", audio))
                     continue
