@@ -24,9 +24,7 @@ import argparse
 import asyncio
 import base64
 import json
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,7 @@ from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 
-from benchmarks.harness import code_version, machine_info
+from benchmarks.harness import code_version, command_line, machine_info, write_report
 from benchmarks.server_process import UvicornProcess
 
 FRAME = 960  # 20 ms at 48 kHz
@@ -117,14 +115,6 @@ def run(kind: str, sessions: int, seconds: float, root: Path | None = None) -> t
         return got, server.command_line(("BATCHRTC_CONCURRENCY",))
 
 
-def _tree_version(root: Path) -> str:
-    import subprocess
-
-    out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                         capture_output=True, text=True)
-    return out.stdout.strip() or str(root)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sessions", type=int, default=50)
@@ -134,10 +124,10 @@ def main() -> None:
                     help="also measure the server of this source tree (silence, speech)")
     ap.add_argument("--out", default="benchmarks/results/bench_intake.md")
     args = ap.parse_args()
-    command = "python -m benchmarks.bench_intake " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     trees: list[tuple[str, Path | None]] = [(code_version(), None)]
     if args.compare_tree is not None:
-        trees.append((_tree_version(args.compare_tree), args.compare_tree.resolve()))
+        root = args.compare_tree.resolve()
+        trees.append((code_version(root), root))
     rows, servers = [], {}
     for kind in KINDS:
         here = trees[:1] if kind == "floor" else trees
@@ -155,7 +145,7 @@ def main() -> None:
     lines = [
         f"# Server CPU per WebSocket media message ({info['cpu_model']}, {info['usable_cpus']} CPUs)",
         "",
-        f"- command: `{command}`; code: {code_version()}",
+        f"- command: `{command_line()}`; code: {code_version()}",
         f"- {args.sessions} sessions, 20 ms frames at real time for {args.seconds:g} s, "
         f"{args.repeats} runs per row (a fresh server each), median shown",
         *(f"- {k}: `{v}`" for k, v in servers.items()),
@@ -168,12 +158,7 @@ def main() -> None:
                      + ", ".join(f"{x['us_per_message']:.0f}" for x in r["runs"]) + " |")
     text = "\n".join(lines)
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    out.with_suffix(".json").write_text(json.dumps(
-        {"command": command, "code_version": code_version(), "machine": info, "servers": servers,
-         "rows": rows}, indent=1))
+    write_report(Path(args.out), text, {"machine": info, "servers": servers, "rows": rows})
 
 
 if __name__ == "__main__":

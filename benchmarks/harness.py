@@ -77,13 +77,14 @@ def machine_info(packages: tuple[str, ...] = ("torch", "onnxruntime", "silero-va
     return info
 
 
-def code_version() -> str:
-    """HEAD commit and whether the measured code differs from it (read-only git calls)."""
+def code_version(root: Path = REPO_ROOT) -> str:
+    """HEAD commit of the source tree `root` (this checkout by default) and whether the
+    measured code differs from it (read-only git calls)."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                               text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "server", "batching", "models"],
-                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{head or 'unknown'}{' + uncommitted server/batching/models changes' if dirty else ''}"
