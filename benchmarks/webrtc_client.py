@@ -101,8 +101,10 @@ async def _collect_video(track: MediaStreamTrack, client: Client, keep: int) -> 
     try:
         while True:
             frame = await track.recv()
-            arr = frame.to_ndarray(format="rgb24")
-            client.frames.append((time.monotonic(), arr if len(client.frames) < keep else None, frame.pts))
+            t = time.monotonic()
+            # rgb24 conversion is this loop's dearest step: skip it for frames not kept
+            arr = frame.to_ndarray(format="rgb24") if len(client.frames) < keep else None
+            client.frames.append((t, arr, frame.pts))
     except MediaStreamError:
         return
 
