@@ -125,10 +125,11 @@ async def test_slow_handler_keeps_latency_bounded_and_other_session_flows(serve)
             if sent is not None:
                 lat.append(t - sent)
         assert len(lat) >= 8, lat
-        # About two handler periods (a frame waits at most one in the mailbox, then one to be
-        # processed) plus transport: aiortc adds a frame interval per receiving hop (~67 ms).
-        # FastRTC's unbounded queue would be over a second behind by now.
-        assert sorted(lat)[len(lat) // 2] < 0.35 and max(lat) < 0.5, lat
+        # Bounded, not growing: about two handler periods (a frame waits at most one in the
+        # mailbox, then one to be processed) plus transport (aiortc adds a frame interval per
+        # receiving hop, ~67 ms): ~0.3 s here, 0.35 once in a full run on a host stealing CPU.
+        # FastRTC's unbounded queue would be 2-3 s behind by now (20 frames a second queued).
+        assert sorted(lat)[len(lat) // 2] < 0.6 and max(lat) < 1.0, lat
         assert pipe.mailbox is None or pipe.received - pipe.processed - pipe.dropped <= 2
         # the second session's frames keep flowing (handlers run on the pool, not the loop)
         n0 = len(other.frames)

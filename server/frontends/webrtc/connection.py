@@ -27,6 +27,7 @@ from ...deadlines import CallTimedOut, call_deadlines
 from ...session import Session
 from ...utils import TokenBucket, call_on_loop, create_message, parse_json_message
 from .dtx import GAP_WAIT_S, GapFiller
+from .inline_decode import InlineAudioDecoder, decode_audio_on_loop
 from .tracks import AudioOutputTrack, AVVideoOutputTrack, GeneratedVideoTrack, TrackAudioSink
 from .video import VideoPipeline
 
@@ -85,6 +86,7 @@ class WebRTCConnection:
         self.got_media = asyncio.Event()
         self.audio_out: AudioOutputTrack | None = None
         self.video_pipeline: VideoPipeline | None = None
+        self.inline_decoder: InlineAudioDecoder | None = None  # None: aiortc's decoder thread
         self._messages = TokenBucket(MAX_CHANNEL_MESSAGES_PER_S, MAX_CHANNEL_MESSAGE_BURST)
         session.webrtc = self  # type: ignore[attr-defined]
         session.on_close(self._close)
@@ -154,6 +156,10 @@ class WebRTCConnection:
         if not session.active:
             return
         handler = session.handler
+        if track.kind == "audio":  # no thread handoff per 20 ms packet (inline_decode.py)
+            for transceiver in self.pc.getTransceivers():
+                if transceiver.receiver.track is track:
+                    self.inline_decoder = decode_audio_on_loop(transceiver.receiver)
         if track.kind == "video" and config.modality in ("video", "audio-video"):
             if isinstance(handler, (AudioVideoStreamHandler, AsyncAudioVideoStreamHandler)):
                 session.spawn(self._feed_av_video(track), "video_in")
