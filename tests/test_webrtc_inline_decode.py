@@ -15,8 +15,8 @@ from aiortc.codecs import get_encoder
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
-from server import ReplyOnPause, Stream
-from server.frontends.webrtc.inline_decode import InlineAudioDecoder, decode_audio_on_loop
+from server import AsyncStreamHandler, ReplyOnPause, Stream
+from server.frontends.webrtc.inline_decode import MAX_QUEUED_FRAMES, InlineAudioDecoder, decode_audio_on_loop
 from tests.test_websocket_reply import echo, speech_48k
 from tests.waiting import wait_for
 from tests.webrtc_client import AudioSource, connect
@@ -101,3 +101,34 @@ async def test_turns_over_webrtc_with_audio_decoded_on_the_loop(serve):
     await wait_for(lambda: stream.active_sessions == 0, 10)
     # the receiver's thread, parked in `get`, ended with it (and the client's with the client)
     await wait_for(lambda: len(_decoder_threads()) <= before, 10)
+
+
+class SlowerThanRealTime(AsyncStreamHandler):
+    """Takes 50 ms per 20 ms frame: audio piles up in front of it."""
+
+    def copy(self) -> SlowerThanRealTime:
+        return SlowerThanRealTime()
+
+    async def receive(self, frame) -> None:
+        await asyncio.sleep(0.05)
+
+    async def emit(self):
+        await asyncio.sleep(3600)
+
+
+async def test_audio_waiting_for_a_slow_session_is_bounded(serve):
+    stream = Stream(SlowerThanRealTime(), modality="audio", mode="send-receive", concurrency_limit=2)
+    server = serve(stream)
+    client, answer = await connect(server.http, "slow", audio=AudioSource(np.zeros(48000 * 20, np.int16)))
+    try:
+        assert answer["type"] == "answer", answer
+        await wait_for(lambda: "slow" in stream.sessions and stream.sessions["slow"].webrtc.inline_decoder is not None, 10)
+        conn = stream.sessions["slow"].webrtc
+        track = next(t.receiver.track for t in conn.pc.getTransceivers() if t.receiver.track.kind == "audio")
+        # 50 frames a second arrive, 20 are taken: without a bound 30 more wait every second
+        await wait_for(lambda: conn.inline_decoder.dropped > 50, 20)
+        assert track._queue.qsize() <= MAX_QUEUED_FRAMES
+        assert stream.active_sessions == 1  # the session goes on
+    finally:
+        await client.close()
+    await wait_for(lambda: stream.active_sessions == 0, 10)

@@ -9,7 +9,8 @@ not (`benchmarks/bench_idle.py`, an aiortc client streaming silence).
 
 `decode_audio_on_loop(receiver)` puts an `InlineAudioDecoder` where the receiver keeps that
 queue, before the receiver starts: a frame put there is decoded at once, on the loop that
-received its packet, and queued on the track. The receiver's thread still starts, but waits
+received its packet, and queued on the track (at most `MAX_QUEUED_FRAMES` waiting: aiortc
+bounds nothing there). The receiver's thread still starts, but waits
 in `get` until the receiver stops; then it ends the track as aiortc always does. Video keeps
 its thread (a VP8 frame takes milliseconds to decode).
 
@@ -29,7 +30,13 @@ from aiortc.codecs import get_decoder
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["InlineAudioDecoder", "decode_audio_on_loop"]
+__all__ = ["InlineAudioDecoder", "decode_audio_on_loop", "MAX_QUEUED_FRAMES"]
+
+# Decoded frames waiting for the session (2 s of 20 ms Opus frames). aiortc's track queue is
+# unbounded: a client sending faster than its session takes audio (a flood, or a handler
+# slower than real time) would grow it without end. Beyond this, new packets are dropped
+# undecoded; the media clock (dtx.GapFiller) then feeds the session silence for the gap.
+MAX_QUEUED_FRAMES = 100
 
 _QUEUE_ATTR = "_RTCRtpReceiver__decoder_queue"
 _STARTED_ATTR = "_RTCRtpReceiver__started"
@@ -46,10 +53,16 @@ class InlineAudioDecoder:
         self._end: queue.SimpleQueue = queue.SimpleQueue()
         self.decoded = 0
         self.failed = 0
+        self.dropped = 0
 
     def put(self, item: Any) -> None:
         if item is None:  # the receiver stops: let its thread end the track
             self._end.put(None)
+            return
+        if self._track_queue.qsize() >= MAX_QUEUED_FRAMES:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                logger.warning("audio arrives faster than its session takes it: %d packets dropped", self.dropped)
             return
         codec, encoded_frame = item
         try:
