@@ -45,12 +45,12 @@ async def test_plain_video_handler_round_trip(serve):
     await wait_for(lambda: stream.active_sessions == 0, 10)
 
 
+SH, SW = H // 2, W // 2
+
+
 def small_gradient(i: int) -> np.ndarray:
     """`gradient` at a quarter of the pixels (SH x SW)."""
     return gradient(i)[::2, ::2].copy()
-
-
-SH, SW = H // 2, W // 2
 
 
 async def test_batched_handler_sixteen_sessions_batch_together(serve):
